@@ -1,0 +1,154 @@
+"""J·v with respect to parameters: every exact mode against each other and a float64 finite-difference reference."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from l2vsd_core.jvp import APPROX_JVP_MODES, EXACT_JVP_MODES, JVP_MODES, jvp
+
+
+class TinyScore(nn.Module):
+    """Norm, attention (through SDPA, whose fused CPU kernel has no forward-AD) and an MLP: a UNet block in little."""
+
+    def __init__(self, dim=8, tokens=6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 16), nn.SiLU(), nn.Linear(16, dim))
+        self.tokens = tokens
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = x + self.out(F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0])
+        return h + self.mlp(F.group_norm(h.transpose(1, 2), 2).transpose(1, 2))
+
+
+def make_case(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = TinyScore().to(dtype)
+    for p in model.parameters():  # random, not the default init: the test must not depend on special values
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 6, 8, dtype=dtype)
+    params = dict(model.named_parameters())
+    tangents = {k: torch.randn_like(p) for k, p in params.items()}
+    return model, x, params, tangents
+
+
+def score_fn(model, x):
+    return lambda params: torch.func.functional_call(model, dict(params), (x,))
+
+
+def float64_reference(model, x, params, tangents, h=1e-6):
+    """Central difference in float64: truncation error ~h², rounding ~1e-16/h."""
+    m64 = copy.deepcopy(model).double()
+    p64 = {k: v.detach().double() for k, v in params.items()}
+    t64 = {k: v.detach().double() for k, v in tangents.items()}
+    f = lambda s: torch.func.functional_call(m64, {k: p64[k] + s * t64[k] for k in p64}, (x.double(),))
+    with torch.no_grad():
+        return (f(h) - f(-h)) / (2 * h)
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_modes_match_float64_reference_and_each_other(seed):
+    model, x, params, tangents = make_case(seed)
+    ref = float64_reference(model, x, params, tangents)
+    primal_ref = model(x).detach()
+    results = {mode: jvp(score_fn(model, x), params, tangents, mode) for mode in EXACT_JVP_MODES}
+    for mode, (primal, tangent) in results.items():
+        assert torch.allclose(primal, primal_ref, atol=1e-5), mode
+        assert rel_err(tangent, ref) < 1e-4, (mode, rel_err(tangent, ref))
+    base = results["forward_ad"][1]
+    for mode, (_, tangent) in results.items():
+        assert rel_err(tangent, base) < 1e-5, mode
+
+
+def test_exact_modes_in_float64_agree_to_rounding():
+    model, x, params, tangents = make_case(3, dtype=torch.float64)
+    ref = float64_reference(model, x, params, tangents, h=1e-5)
+    for mode in EXACT_JVP_MODES:
+        _, tangent = jvp(score_fn(model, x), params, tangents, mode)
+        assert rel_err(tangent, ref) < 1e-8, mode
+
+
+def test_finite_difference_modes_approximate_the_reference():
+    model, x, params, tangents = make_case(4)
+    ref = float64_reference(model, x, params, tangents)
+    primal = model(x).detach()
+    _, central = jvp(score_fn(model, x), params, tangents, "fd_central")
+    _, forward = jvp(score_fn(model, x), params, tangents, "fd_forward", primal=primal)
+    assert rel_err(central, ref) < 5e-3
+    assert rel_err(forward, ref) < 5e-2
+    assert rel_err(forward, ref) > rel_err(central, ref)  # one-sided carries the curvature error
+
+
+def test_fd_forward_reuses_the_given_primal():
+    model, x, params, tangents = make_case(5)
+    calls = []
+    fn = score_fn(model, x)
+    counted = lambda p: (calls.append(1), fn(p))[1]
+    primal = model(x).detach()
+    out, _ = jvp(counted, params, tangents, "fd_forward", primal=primal)
+    assert len(calls) == 1 and torch.equal(out, primal)
+
+
+def test_subset_of_parameters_equals_zero_tangent_elsewhere():
+    """A last-layer JVP: only some parameters carry the tangent."""
+    model, x, params, tangents = make_case(6)
+    last = {k: v for k, v in params.items() if k.startswith("mlp.2")}
+    full_tangents = {k: (tangents[k] if k in last else torch.zeros_like(v)) for k, v in params.items()}
+    _, partial = jvp(score_fn(model, x), last, {k: tangents[k] for k in last}, "forward_ad")
+    _, full = jvp(score_fn(model, x), params, full_tangents, "forward_ad")
+    assert torch.allclose(partial, full, atol=1e-6)
+    # The output bias enters linearly: its J·v is the tangent itself, broadcast.
+    bias = {"mlp.2.bias": params["mlp.2.bias"]}
+    for mode in JVP_MODES:
+        _, tangent = jvp(score_fn(model, x), bias, {"mlp.2.bias": tangents["mlp.2.bias"]}, mode)
+        assert torch.allclose(tangent, tangents["mlp.2.bias"].expand_as(tangent), atol=2e-3), mode
+
+
+def test_jvp_is_linear_in_the_tangent():
+    model, x, params, tangents = make_case(7)
+    _, a = jvp(score_fn(model, x), params, tangents, "double_backward")
+    _, b = jvp(score_fn(model, x), params, {k: -2.5 * v for k, v in tangents.items()}, "double_backward")
+    assert torch.allclose(b, -2.5 * a, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_tangent_gives_zero_in_every_mode():
+    model, x, params, _ = make_case(8)
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    for mode in JVP_MODES:
+        _, tangent = jvp(score_fn(model, x), params, zeros, mode)
+        assert float(tangent.abs().max()) == 0.0, mode
+
+
+def test_works_under_no_grad_and_leaves_parameter_grads_alone():
+    model, x, params, tangents = make_case(9)
+    with torch.no_grad():
+        results = [jvp(score_fn(model, x), params, tangents, mode)[1] for mode in EXACT_JVP_MODES]
+    for r in results[1:]:
+        assert rel_err(r, results[0]) < 1e-5
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_input_names_the_problem():
+    model, x, params, tangents = make_case(0)
+    with pytest.raises(ValueError, match="jvp mode must be one of .*forward_ad"):
+        jvp(score_fn(model, x), params, tangents, "reverse")
+    with pytest.raises(ValueError, match="same keys"):
+        jvp(score_fn(model, x), params, {k: v for k, v in list(tangents.items())[1:]}, "func")
+    bad = dict(tangents)
+    bad["out.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="out.bias.*shape"):
+        jvp(score_fn(model, x), params, bad, "func")
+
+
+def test_mode_lists_are_consistent():
+    assert set(JVP_MODES) == set(EXACT_JVP_MODES) | set(APPROX_JVP_MODES)
