@@ -1,0 +1,135 @@
+"""Packaging checks: the pack imports as ComfyUI loads it, cheaply, and never touches the user's torch."""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "My-Pack_clone"  # ComfyUI uses the folder name, dashes and all, as the module name
+# Modules the root import must not pull in: ComfyUI's own, and optional CUDA accelerators.
+FORBIDDEN = {"comfy", "folder_paths", "tinycudann", "nvdiffrast"}
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
+
+
+def _load_pack(path: Path, name: str):
+    """Import a pack folder the way ComfyUI's load_custom_node does."""
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py", submodule_search_locations=[str(path)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # needed before exec for the pack's relative imports
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pack_clone(tmp_path_factory):
+    """A copy of the repo (like a clone in custom_nodes/) under a name unlike the repo's."""
+    dest = tmp_path_factory.mktemp("custom_nodes") / PACK_NAME
+    shutil.copytree(
+        ROOT, dest,
+        ignore=shutil.ignore_patterns(".venv", ".git", "out", "__pycache__", ".pytest_cache", "*.egg-info"),
+    )
+    return dest
+
+
+def _top_level_modules():
+    return {name.split(".")[0] for name in sys.modules}
+
+
+def test_pack_imports_under_any_folder_name(pack_clone):
+    before = _top_level_modules()
+    try:
+        pack = _load_pack(pack_clone, PACK_NAME)
+        assert isinstance(pack.NODE_CLASS_MAPPINGS, dict)
+        assert isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS, dict)
+        assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) <= set(pack.NODE_CLASS_MAPPINGS)
+        assert f"{PACK_NAME}.nodes" in sys.modules  # the mappings came from nodes/, not the fallback
+        gained = _top_level_modules() - before
+        assert not gained & FORBIDDEN
+    finally:
+        for name in [n for n in sys.modules if n == PACK_NAME or n.startswith(PACK_NAME + ".")]:
+            del sys.modules[name]
+
+
+def test_pack_import_does_not_import_torch(pack_clone):
+    # A fresh interpreter, so that nothing imported by other tests hides an import.
+    script = (
+        "import importlib.util, json, sys\n"
+        "path, name = sys.argv[1], sys.argv[2]\n"
+        "spec = importlib.util.spec_from_file_location(name, path + '/__init__.py',"
+        " submodule_search_locations=[path])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(pack_clone), PACK_NAME],
+        cwd=pack_clone.parent, capture_output=True, text=True, check=True,
+    )
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert PACK_NAME in loaded
+    assert not loaded & (FORBIDDEN | TORCH_FAMILY)
+
+
+def test_l2vsd_core_imports_from_repo_root():
+    out = subprocess.run(
+        [sys.executable, "-c", "import l2vsd_core; print(l2vsd_core.__file__)"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip().splitlines()[-1]).resolve().parent == ROOT / "l2vsd_core"
+
+
+def _requirement_name(line: str) -> str:
+    """Normalized distribution name of a requirement line (PEP 503)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+    assert match, f"not a requirement: {line!r}"
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def _requirements_txt():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    lines = [line.split("#", 1)[0].strip() for line in lines]
+    return [line for line in lines if line]
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_requirements_never_install_torch():
+    names = {_requirement_name(line) for line in _requirements_txt()}
+    assert names, "requirements.txt lists nothing"
+    assert not names & TORCH_FAMILY
+    # Same runtime dependencies as pyproject, less torch (which ComfyUI already provides).
+    deps = {_requirement_name(d) for d in _pyproject()["project"]["dependencies"]}
+    assert names == deps - {"torch"}
+
+
+def test_pyproject_registry_fields_and_no_torch_pin():
+    data = _pyproject()
+    comfy = data["tool"]["comfy"]
+    for key in ("PublisherId", "DisplayName", "Icon"):
+        assert key in comfy
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    project = data["project"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,99}", project["name"])  # registry node id rules
+    assert project["urls"]["Repository"].startswith("https://")
+
+    extras = data["project"].get("optional-dependencies", {})
+    all_deps = project["dependencies"] + [d for group in extras.values() for d in group]
+    torch_deps = [d for d in all_deps if _requirement_name(d) in TORCH_FAMILY]
+    # Only a bare `torch` is allowed: no version, no upper bound, no URL.
+    assert [d.strip() for d in torch_deps] == ["torch"]
