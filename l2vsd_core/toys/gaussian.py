@@ -267,7 +267,9 @@ def run(method: str, seed: int, cfg: StudyConfig, snapshot_steps=()) -> dict:
             snaps[step] = {
                 "p": (p_mu + vis_c[0] @ p_factor.T).tolist(),
                 "q": (scene.mu.detach() + vis_c[1] @ scene.factor.detach().T).tolist(),
-                "r": None if r_mu is None else (r_mu + vis_c[2] @ r_f.T).tolist(),
+                "q_mu": scene.mu.detach().tolist(), "q_cov": q_cov.tolist(),
+                "r_mu": None if r_mu is None else r_mu.tolist(),
+                "r_cov": None if r_mu is None else (r_f @ r_f.T).tolist(),
             }
         if step == cfg.steps:
             break
@@ -331,51 +333,58 @@ def study(methods, seeds: int, cfg: StudyConfig, progress=None) -> tuple[dict, d
     return summary, pictures
 
 
+def _ellipse(ax, mu, cov, color, style="-", width=1.2, label=None):
+    """The 2-σ contour of N(mu, cov)."""
+    evals, evecs = torch.linalg.eigh(torch.tensor(cov, dtype=torch.float64))
+    angle = torch.linspace(0, 2 * math.pi, 100, dtype=torch.float64)
+    circle = torch.stack([angle.cos(), angle.sin()], 1) * 2 * evals.clamp_min(0).sqrt()
+    pts = circle @ evecs.T + torch.tensor(mu, dtype=torch.float64)
+    ax.plot(pts[:, 0], pts[:, 1], style, color=color, lw=width, label=label)
+
+
 def plot(summary: dict, pictures: dict, path: str) -> None:
-    """Fig. 1-style trajectories (p, q at a few steps, r at the end), one panel per method, plus the W2 curves."""
+    """Fig. 1-style trajectories (p's samples; q's 2-σ contour at a few steps and its samples at the end; r's contour
+    at the end), one panel per method, and the mean W2 curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(summary["methods"])
     cols = min(4, len(methods))
-    rows = math.ceil(len(methods) / cols) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    rows = math.ceil(len(methods) / cols)
+    fig = plt.figure(figsize=(3.3 * cols, 3.1 * rows + 3.2))
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1] * rows + [1.05])
     cmap = plt.get_cmap("viridis")
     for i, method in enumerate(methods):
-        ax = axes[i // cols][i % cols]
+        ax = fig.add_subplot(grid[i // cols, i % cols])
         snaps = pictures[method]
         steps = sorted(snaps)
         p = torch.tensor(snaps[steps[0]]["p"])
-        ax.scatter(p[:, 0], p[:, 1], s=3, c="0.6", label="p")
-        for j, s in enumerate(steps):
-            q = torch.tensor(snaps[s]["q"])
-            ax.scatter(q[:, 0], q[:, 1], s=3, color=cmap(j / max(1, len(steps) - 1)), label=f"q@{s}")
+        ax.scatter(p[:, 0], p[:, 1], s=2, c="0.65", label="p samples")
         last = snaps[steps[-1]]
-        if last["r"] is not None:
-            r = torch.tensor(last["r"])
-            ax.scatter(r[:, 0], r[:, 1], s=3, marker="x", c="tab:red", alpha=0.5, label="r (end)")
+        q = torch.tensor(last["q"])
+        ax.scatter(q[:, 0], q[:, 1], s=2, color=cmap(1.0), alpha=0.6)
+        for j, s in enumerate(steps):
+            _ellipse(ax, snaps[s]["q_mu"], snaps[s]["q_cov"], cmap(j / max(1, len(steps) - 1)), label=f"q @ {s}")
+        if last["r_mu"] is not None:
+            _ellipse(ax, last["r_mu"], last["r_cov"], "tab:red", "--", 1.0, label="r at the end")
         m = summary["methods"][method]
-        ax.set_title(f"{method}\nW2 {m['w2_final_mean']:.3f} ± {m['w2_final_std']:.3f}", fontsize=9)
+        ax.set_title(f"{method}: W2 {m['w2_final_mean']:.2f} ± {m['w2_final_std']:.2f}", fontsize=9)
         ax.set_aspect("equal", adjustable="datalim")
         ax.tick_params(labelsize=7)
         if i == 0:
-            ax.legend(fontsize=6, markerscale=2, loc="best")
-    for k in range(len(methods), (rows - 1) * cols):
-        axes[k // cols][k % cols].axis("off")
-    curve_ax = axes[rows - 1][0]
-    for k in range(1, cols):
-        axes[rows - 1][k].axis("off")
+            ax.legend(fontsize=6, markerscale=3, loc="lower right")
+    curve_ax = fig.add_subplot(grid[rows, :])
     for method in methods:
         m = summary["methods"][method]
-        curve_ax.semilogy(m["curve_steps"], [max(v, 1e-6) for v in m["w2_curve"]], label=method, lw=1)
+        curve_ax.semilogy(m["curve_steps"], [max(v, 1e-6) for v in m["w2_curve"]], label=method, lw=1.2)
     curve_ax.set_xlabel("step", fontsize=8)
     curve_ax.set_ylabel(f"W2(q, p), mean of {summary['seeds']} seeds", fontsize=8)
-    curve_ax.legend(fontsize=6, ncol=2, bbox_to_anchor=(1.05, 1), loc="upper left")
+    curve_ax.legend(fontsize=7, ncol=4)
     fig.suptitle(f"2D Gaussian study, variant {summary['variant']}, {summary['samples_per_step']} sample(s)/step, "
-                 f"η={summary['eta']}", fontsize=10)
+                 f"η={summary['eta']} (seed 0 shown above)", fontsize=10)
     fig.tight_layout()
-    _atomic_save(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), path)
+    _atomic_save(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), path)
     plt.close(fig)
 
 
@@ -394,12 +403,19 @@ def _write_text(path: str, text: str) -> None:
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | W2 final (mean ± std) | KL(q‖p) final, median | ‖Δε_first‖ | ‖Δε_high‖ |",
-             "|---|---|---|---|---|"]
+    """Markdown table; with real-vsd present, each method's per-seed W2 ratio to it (geometric mean) and wins."""
+    base = summary["methods"].get("real-vsd")
+    lines = ["| method | W2 final (mean ± std) | W2 / W2(real-vsd), geo-mean | seeds better than real-vsd "
+             "| KL(q‖p) final, median | ‖Δε_first‖ rms | ‖Δε_high‖ rms |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "—" if v is None else f"{v:.2e}"
     for method, m in summary["methods"].items():
         kl = m["kl_final_median"]
-        fmt = lambda v: "—" if v is None else f"{v:.2e}"
-        lines.append(f"| {method} | {m['w2_final_mean']:.3f} ± {m['w2_final_std']:.3f} | "
+        ratio = wins = "—"
+        if base is not None:
+            pairs = list(zip(m["w2_final"], base["w2_final"]))
+            ratio = f"{math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs)):.3f}"
+            wins = f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
+        lines.append(f"| {method} | {m['w2_final_mean']:.3f} ± {m['w2_final_std']:.3f} | {ratio} | {wins} | "
                      f"{'∞ (q collapsed)' if kl is None else f'{kl:.3f}'} | {fmt(m['delta_first_rms_mean'])} | "
                      f"{fmt(m['delta_high_rms_mean'])} |")
     return "\n".join(lines)
