@@ -1,0 +1,9 @@
+"""Diffusion priors (the frozen ε_pre of score distillation): loading from local files and the ``FrozenScore`` model.
+
+``load_prior(path, device="auto", dtype="auto", prediction_type=None)`` reads a diffusers folder or a single-file
+SD 1.x / 2.x checkpoint, strictly offline, and returns a :class:`DiffusionPrior`.
+"""
+from .load import load_prior, load_state_dict_file
+from .model import DiffusionPrior, PRIOR_PREDICTION_TYPES
+
+__all__ = ["DiffusionPrior", "PRIOR_PREDICTION_TYPES", "load_prior", "load_state_dict_file"]
