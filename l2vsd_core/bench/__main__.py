@@ -1,0 +1,40 @@
+"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2vsd_core.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    step = sub.add_parser("step", help="seconds per optimization step of each estimator (one process)")
+    step.add_argument("--config", default="auto", help="tiny, sd21, or auto (sd21 on CUDA, tiny otherwise)")
+    step.add_argument("--methods", default=None, help="comma-separated, e.g. vsd,l2vsd:func,l2vsd_last")
+    step.add_argument("--steps", type=int, default=10, help="timed rounds (median reported)")
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--device", default="auto")
+    step.add_argument("--dtype", default="auto")
+    step.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    import torch
+    from .step import DEFAULT_METHODS, run_step_benchmark, table, write_json
+
+    config = args.config if args.config != "auto" else ("sd21" if torch.cuda.is_available() else "tiny")
+    methods = DEFAULT_METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    try:
+        data = run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
+                                  dtype=args.dtype,
+                                  progress=lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True))
+    except ValueError as err:
+        parser.error(str(err))
+    print(file=sys.stderr)
+    if args.json:
+        write_json(data, args.json)
+    print(table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

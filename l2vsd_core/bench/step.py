@@ -1,0 +1,151 @@
+"""Seconds per optimization step of each estimator, measured in one process.
+
+One step is the 2D part of a distillation step: a render stand-in θ (the latent itself, a leaf) → the prior (CFG,
+batch 2) → the trainable LoRA score (lookahead, JVP …) → θ's gradient and optimizer step, plus the LoRA update.
+Methods are interleaved round by round so that drift of the machine hits all of them alike; the median is reported.
+
+Configurations:
+  ``tiny``     an SD-shaped UNet (3 levels, cross-attention, 0.6 M parameters) at 16×16 latents — runs anywhere;
+  ``sd21``     the SD-2.1-base UNet architecture (``prior/configs/sd21``) with random weights at 64×64 latents —
+               timing needs no weights; meant for CUDA (fp16).
+The LoRA shares the prior's UNet (adapters off for prior calls), rank 4, one render per step, CFG 7.5, λ = 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+from ..distill import Conditioning, DistillConfig, score_distillation
+from ..prior.model import DiffusionPrior
+from ..schedules import TimestepSampler
+from ..score import LoRAScore
+
+DEFAULT_METHODS = ("sds", "vsd", "lvsd", "l2vsd:forward_ad", "l2vsd:func", "l2vsd:double_backward",
+                   "l2vsd:fd_forward", "l2vsd:fd_central", "l2vsd_last")
+SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "prediction_type": "epsilon"}
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+
+
+def _sd21_unet():
+    from diffusers import UNet2DConditionModel
+    folder = os.path.join(os.path.dirname(__file__), "..", "prior", "configs", "sd21", "unet")
+    return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+
+
+CONFIGS = {
+    "tiny": {"unet": _tiny_unet, "latent": 16, "text_len": 77},
+    "sd21": {"unet": _sd21_unet, "latent": 64, "text_len": 77},
+}
+
+
+def parse_method(name: str) -> tuple[str, str]:
+    """``"l2vsd:func"`` → ("l2vsd", "func"); a bare name uses the default JVP mode."""
+    method, _, mode = name.partition(":")
+    return method, (mode or "forward_ad")
+
+
+def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int = 10, warmup: int = 2,
+                       device: str = "auto", dtype: str = "auto", seed: int = 0, progress=None) -> dict:
+    if config not in CONFIGS:
+        raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {config!r}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0; got steps={steps}, warmup={warmup}")
+    configs = {}
+    for name in methods:  # validate every method name up front
+        method, mode = parse_method(name)
+        configs[name] = DistillConfig(method=method, jvp_mode=mode, eta=1e-2, guidance_scale=7.5,
+                                      timesteps=TimestepSampler(1000, 0.02, 0.98))
+    torch.manual_seed(seed)
+    spec = CONFIGS[config]
+    unet = spec["unet"]()
+    prior = DiffusionPrior(unet, SCHEDULER, text_encoder=None, tokenizer=None, device=device, dtype=dtype,
+                           name=f"random {config}")
+    dev = prior.device
+    score = LoRAScore(prior.unet, prior.alphas_cumprod, prior.prediction_type, rank=4, seed=seed)
+    text_dim = unet.config.cross_attention_dim
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    text = torch.randn(1, spec["text_len"], text_dim, generator=g).to(dev)
+    uncond = torch.randn(1, spec["text_len"], text_dim, generator=g).to(dev)
+    camera = torch.randn(1, 16, generator=g).to(dev)
+    cond = Conditioning(text=text, text_uncond=uncond, score_text=text, camera=camera)
+    size = spec["latent"]
+    theta = torch.nn.Parameter(torch.randn(1, unet.config.in_channels, size, size, generator=g).to(dev))
+    theta_opt = torch.optim.Adam([theta], lr=1e-2)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    cuda = dev.type == "cuda"
+
+    def one_step(name: str, step: int) -> tuple[float, Optional[float]]:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        theta_opt.zero_grad(set_to_none=True)
+        result = score_distillation(theta, prior, score, cond, configs[name], step=step, generator=gen)
+        result.loss.backward()
+        theta_opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+        return seconds, peak
+
+    times = {name: [] for name in methods}
+    peaks = {name: [] for name in methods}
+    for round_ in range(warmup + steps):
+        for name in methods:
+            seconds, peak = one_step(name, round_)
+            if round_ >= warmup:
+                times[name].append(seconds)
+                if peak is not None:
+                    peaks[name].append(peak)
+        if progress:
+            progress(round_ + 1, warmup + steps)
+    results = {name: {"s_per_step": statistics.median(times[name]),
+                      "peak_mem_mb": max(peaks[name]) if peaks[name] else None} for name in methods}
+    base = results.get("vsd", {}).get("s_per_step")
+    return {
+        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
+                                                                 f"{torch.get_num_threads()} threads)",
+        "config": {"name": config, "latent": size, "dtype": str(prior.dtype).replace("torch.", ""),
+                   "unet_parameters": sum(p.numel() for p in unet.parameters() if "lora" not in p.__class__.__name__),
+                   "lora_parameters": sum(p.numel() for p in score.lookahead_parameters("all").values()),
+                   "last_layer_parameters": sum(p.numel() for p in score.lookahead_parameters("last").values()),
+                   "steps": steps, "warmup": warmup, "torch": torch.__version__, "shared_unet": True,
+                   "peak_mem": "torch.cuda.max_memory_allocated per step" if cuda else "not measured on CPU"},
+        "methods": results,
+        "ratio_to_vsd": {name: r["s_per_step"] / base for name, r in results.items()} if base else {},
+    }
+
+
+def write_json(data: dict, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def table(data: dict) -> str:
+    lines = [f"device: {data['device']}; config: {data['config']['name']} ({data['config']['latent']}² latents, "
+             f"{data['config']['dtype']})", "", "| method | s/step (median) | × vsd | peak MB |", "|---|---|---|---|"]
+    for name, r in data["methods"].items():
+        ratio = data["ratio_to_vsd"].get(name)
+        peak = "—" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(f"| {name} | {r['s_per_step']:.4f} | {'—' if ratio is None else f'{ratio:.2f}'} | {peak} |")
+    return "\n".join(lines)
