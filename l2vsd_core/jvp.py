@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 EXACT_JVP_MODES = ("forward_ad", "func", "double_backward")
 APPROX_JVP_MODES = ("fd_forward", "fd_central")
@@ -32,18 +33,48 @@ ScoreFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 @contextlib.contextmanager
 def math_attention():
-    """Route ``scaled_dot_product_attention`` to the math kernel.
+    """Route ``scaled_dot_product_attention`` to the math kernel where a tangent flows through it.
 
     Fused attention kernels (flash, memory-efficient) have no forward-mode AD or double-backward rules
-    (pytorch #98164, #128971); the math kernel is plain differentiable ops.  Only the tangent pass needs this.
+    (pytorch #98164, #128971); the math kernel is plain differentiable ops.  Attention calls that no tangent reaches
+    (everything before the first tangent-carrying parameter, e.g. all but the end of the network for a last-layer
+    JVP) keep the fast kernels.  While active, ``torch.nn.functional.scaled_dot_product_attention`` (which diffusers'
+    attention processors look up at call time) is wrapped; the original is restored on exit.
     """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # older torch: nothing to switch
         yield
         return
-    with sdpa_kernel([SDPBackend.MATH]):
+    original = F.scaled_dot_product_attention
+
+    def attention(query, key, value, *args, **kwargs):
+        if any(_carries_tangent(x) for x in (query, key, value)):
+            with sdpa_kernel([SDPBackend.MATH]):
+                return original(query, key, value, *args, **kwargs)
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = attention
+    try:
         yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _carries_tangent(x: torch.Tensor) -> bool:
+    """A dual tensor (forward AD), a functorch-wrapped one (``torch.func.jvp``), or one in a graph (double backward)."""
+    if x.requires_grad:
+        return True
+    if is_functorch_wrapped(x):
+        return True
+    return fwAD.unpack_dual(x).tangent is not None
+
+
+def is_functorch_wrapped(x: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # a torch without the query: assume the worst, use the math kernel
+        return True
 
 
 def _check(params: Mapping[str, torch.Tensor], tangents: Mapping[str, torch.Tensor], mode: str) -> None:
@@ -75,13 +106,15 @@ def jvp(fn: ScoreFn, params: Mapping[str, torch.Tensor], tangents: Mapping[str, 
     params = {k: v.detach() for k, v in params.items()}
     tangents = {k: v.detach().to(params[k].dtype) for k, v in tangents.items()}
 
+    # Forward mode needs no autograd graph: under no_grad, tensors that no tangent reaches stay plain, so their
+    # attention keeps the fused kernels (see math_attention) and nothing is recorded for a backward pass.
     if mode == "func":
-        with math_attention():
+        with math_attention(), torch.no_grad():
             out, tangent_out = torch.func.jvp(fn, (params,), (tangents,))
         return out.detach(), tangent_out.detach()
 
     if mode == "forward_ad":
-        with math_attention(), fwAD.dual_level():
+        with math_attention(), torch.no_grad(), fwAD.dual_level():
             duals = {k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()}
             out = fwAD.unpack_dual(fn(duals))
             tangent_out = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
