@@ -192,7 +192,9 @@ def trainable_epsilon(score: TrainableScore, x_t: torch.Tensor, t: torch.Tensor,
     def call(*args):
         if params is None:
             return score(*args)
-        return torch.func.functional_call(score, dict(params), args)
+        # tie_weights=False: the substituted (trainable) parameters are never tied, and skipping the scan over every
+        # parameter of the UNet saves ~12% of a forward on the tiny benchmark UNet.
+        return torch.func.functional_call(score, dict(params), args, tie_weights=False)
 
     text = cond.trainable_text
     if esd_lambda == 0.0:
