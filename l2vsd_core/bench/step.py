@@ -5,7 +5,7 @@ batch 2) → the trainable LoRA score (lookahead, JVP …) → θ's gradient and
 Methods are interleaved round by round so that drift of the machine hits all of them alike; the median is reported.
 
 Configurations:
-  ``tiny``     an SD-shaped UNet (3 levels, cross-attention, 0.6 M parameters) at 16×16 latents — runs anywhere;
+  ``tiny``     an SD-shaped UNet (3 levels, cross-attention, 1.47 M parameters) at 16×16 latents — runs anywhere;
   ``sd21``     the SD-2.1-base UNet architecture (``prior/configs/sd21``) with random weights at 64×64 latents —
                timing needs no weights; meant for CUDA (fp16).
 The LoRA shares the prior's UNet (adapters off for prior calls), rank 4, one render per step, CFG 7.5, λ = 0.
@@ -122,7 +122,7 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
         "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
                                                                  f"{torch.get_num_threads()} threads)",
         "config": {"name": config, "latent": size, "dtype": str(prior.dtype).replace("torch.", ""),
-                   "unet_parameters": sum(p.numel() for p in unet.parameters() if "lora" not in p.__class__.__name__),
+                   "unet_parameters": sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n),
                    "lora_parameters": sum(p.numel() for p in score.lookahead_parameters("all").values()),
                    "last_layer_parameters": sum(p.numel() for p in score.lookahead_parameters("last").values()),
                    "steps": steps, "warmup": warmup, "torch": torch.__version__, "shared_unet": True,
