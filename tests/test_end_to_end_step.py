@@ -17,12 +17,7 @@ METHODS = [("sds", {}), ("vsd", {}), ("lvsd", {"lora_steps": 2}), ("l2vsd", {"jv
            ("l2vsd", {"esd_lambda": 0.5})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
