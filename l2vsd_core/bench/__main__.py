@@ -13,6 +13,7 @@ def main(argv=None) -> int:
     step.add_argument("--methods", default=None, help="comma-separated, e.g. vsd,l2vsd:func,l2vsd_last")
     step.add_argument("--steps", type=int, default=10, help="timed rounds (median reported)")
     step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--latent", type=int, help="latent side (default: 16 for tiny, 64 for sd21)")
     step.add_argument("--device", default="auto")
     step.add_argument("--dtype", default="auto")
     step.add_argument("--json", help="write the results here")
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     methods = DEFAULT_METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:
         data = run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
-                                  dtype=args.dtype,
+                                  dtype=args.dtype, latent=args.latent,
                                   progress=lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True))
     except ValueError as err:
         parser.error(str(err))

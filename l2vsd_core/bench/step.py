@@ -60,7 +60,8 @@ def parse_method(name: str) -> tuple[str, str]:
 
 
 def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int = 10, warmup: int = 2,
-                       device: str = "auto", dtype: str = "auto", seed: int = 0, progress=None) -> dict:
+                       device: str = "auto", dtype: str = "auto", seed: int = 0, latent: Optional[int] = None,
+                       progress=None) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {config!r}")
     if steps < 1 or warmup < 0:
@@ -83,7 +84,9 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
     uncond = torch.randn(1, spec["text_len"], text_dim, generator=g).to(dev)
     camera = torch.randn(1, 16, generator=g).to(dev)
     cond = Conditioning(text=text, text_uncond=uncond, score_text=text, camera=camera)
-    size = spec["latent"]
+    size = spec["latent"] if latent is None else latent
+    if size < 8 or size % 8:
+        raise ValueError(f"latent must be a multiple of 8 (the UNet downsamples by up to 8); got {size}")
     theta = torch.nn.Parameter(torch.randn(1, unet.config.in_channels, size, size, generator=g).to(dev))
     theta_opt = torch.optim.Adam([theta], lr=1e-2)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
