@@ -1,0 +1,1 @@
+"""Scene representation for stage 1: cameras, hash-grid field, rendering."""
