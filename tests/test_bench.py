@@ -27,3 +27,18 @@ def test_step_benchmark_refuses_unknown_methods(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "l2vsd_core.bench", "step", "--methods", "vsd,l3vsd"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "method must be one of" in proc.stderr
+
+
+def test_render_benchmark_runs_field_and_renderer_together(tmp_path):
+    out = tmp_path / "render.json"
+    proc = subprocess.run([sys.executable, "-m", "l2vsd_core.bench", "render", "--resolution", "16", "--samples", "16",
+                           "--levels", "4", "--log2-hashmap-size", "12", "--rounds", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    variants = data["variants"]
+    assert set(variants) == {"no_grid", "occupancy_grid"}
+    assert variants["no_grid"]["field_points_per_render"] == 16 * 16 * 16
+    # the initial blob leaves most of the box empty: the grid must spare the field most points
+    assert variants["occupancy_grid"]["field_points_per_render"] < variants["no_grid"]["field_points_per_render"] / 2
+    assert all(v["rays_per_s"] > 0 for v in variants.values())

@@ -1,4 +1,4 @@
-"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]``."""
+"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]`` and ``… render [--json F]``."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,30 @@ def main(argv=None) -> int:
     step.add_argument("--device", default="auto")
     step.add_argument("--dtype", default="auto")
     step.add_argument("--json", help="write the results here")
+    render = sub.add_parser("render", help="rays/s of the stage-1 renderer, forward+backward, with and without "
+                                           "the occupancy grid")
+    render.add_argument("--resolution", type=int, default=64)
+    render.add_argument("--samples", type=int, default=64, help="samples per ray")
+    render.add_argument("--levels", type=int, default=16, help="hash-grid levels (ProlificDreamer: 16)")
+    render.add_argument("--log2-hashmap-size", type=int, default=19, help="ProlificDreamer: 19")
+    render.add_argument("--backend", default="auto", help="hash grid: auto, torch or tcnn")
+    render.add_argument("--rounds", type=int, default=5)
+    render.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    progress = lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True)
+    if args.command == "render":
+        from .render import render_table, run_render_benchmark
+        from .step import write_json
+        try:
+            data = run_render_benchmark(args.resolution, args.samples, args.levels, args.log2_hashmap_size,
+                                        args.rounds, backend=args.backend, progress=progress)
+        except ValueError as err:
+            parser.error(str(err))
+        print(file=sys.stderr)
+        if args.json:
+            write_json(data, args.json)
+        print(render_table(data))
+        return 0
 
     import torch
     from .step import DEFAULT_METHODS, run_step_benchmark, table, write_json
@@ -26,8 +49,7 @@ def main(argv=None) -> int:
     methods = DEFAULT_METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:
         data = run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
-                                  dtype=args.dtype, latent=args.latent,
-                                  progress=lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True))
+                                  dtype=args.dtype, latent=args.latent, progress=progress)
     except ValueError as err:
         parser.error(str(err))
     print(file=sys.stderr)
