@@ -28,36 +28,32 @@ def main(argv=None) -> int:
     render.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     progress = lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True)
+    from .step import write_json
+
     if args.command == "render":
         from .render import render_table, run_render_benchmark
-        from .step import write_json
-        try:
-            data = run_render_benchmark(args.resolution, args.samples, args.levels, args.log2_hashmap_size,
-                                        args.rounds, backend=args.backend, progress=progress)
-        except ValueError as err:
-            parser.error(str(err))
-        print(file=sys.stderr)
-        if args.json:
-            write_json(data, args.json)
-        print(render_table(data))
-        return 0
+        run = lambda: run_render_benchmark(args.resolution, args.samples, args.levels, args.log2_hashmap_size,
+                                           args.rounds, backend=args.backend, progress=progress)
+        show = render_table
+    else:
+        import torch
+        from .step import DEFAULT_METHODS, run_step_benchmark, table
 
-    import torch
-    from .step import DEFAULT_METHODS, run_step_benchmark, table, write_json
-
-    config = args.config if args.config != "auto" else ("sd21" if torch.cuda.is_available() else "tiny")
-    methods = DEFAULT_METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        config = args.config if args.config != "auto" else ("sd21" if torch.cuda.is_available() else "tiny")
+        methods = (DEFAULT_METHODS if args.methods is None
+                   else tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+        run = lambda: run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
+                                         dtype=args.dtype, latent=args.latent, progress=progress)
+        show = table
     try:
-        data = run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
-                                  dtype=args.dtype, latent=args.latent, progress=progress)
+        data = run()
     except ValueError as err:
         parser.error(str(err))
     print(file=sys.stderr)
     if args.json:
         write_json(data, args.json)
-    print(table(data))
+    print(show(data))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
