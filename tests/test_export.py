@@ -1,0 +1,268 @@
+"""Mesh export: isosurface, floater removal, texture baking, GLB/OBJ/PLY round trips, turntable GIF."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+trimesh = pytest.importorskip("trimesh")
+pytest.importorskip("PIL")
+
+from l2vsd_core import export as ex  # noqa: E402
+
+HAS_MC = any(__import__("importlib").util.find_spec(m) is not None for m in ("mcubes", "skimage"))
+HAS_XATLAS = __import__("importlib").util.find_spec("xatlas") is not None
+needs_mc = pytest.mark.skipif(not HAS_MC, reason="needs PyMCubes or scikit-image")
+needs_xatlas = pytest.mark.skipif(not HAS_XATLAS, reason="needs xatlas")
+
+RED = torch.tensor([0.9, 0.1, 0.1])
+BLUE = torch.tensor([0.1, 0.1, 0.9])
+
+
+class BallField(torch.nn.Module):
+    """Analytic field: a ball of radius 0.5 whose density ramps linearly from 100 (inside) to 0 (outside) over a
+    shell of width 0.1, so the level 50 is exactly the sphere |x| = 0.5.  Optional tiny extra blob (a floater).
+    Colour: red for x > 0, blue for x < 0."""
+
+    def __init__(self, blob=None, scale=1.0):
+        super().__init__()
+        self.radius = 1.0
+        self.blob = blob  # (centre (3,), radius)
+        self.scale = scale
+
+    def _ramp(self, d, r):
+        return 100.0 * self.scale * ((r - d) / 0.1 + 0.5).clamp(0.0, 1.0)
+
+    def density(self, x):
+        sigma = self._ramp(x.norm(dim=-1), 0.5)
+        if self.blob is not None:
+            c, r = self.blob
+            sigma = torch.maximum(sigma, self._ramp((x - torch.as_tensor(c, dtype=x.dtype)).norm(dim=-1), r))
+        return sigma
+
+    def forward(self, x, dirs=None):
+        rgb = torch.where((x[:, :1] > 0), RED.to(x.dtype), BLUE.to(x.dtype))
+        return {"density": self.density(x), "rgb": rgb}
+
+
+@pytest.fixture(scope="module")
+def ball_mesh():
+    return ex.extract_mesh(BallField(), resolution=64, threshold=50.0)
+
+
+@pytest.fixture(scope="module")
+def baked(ball_mesh):
+    return ex.bake_texture(ball_mesh, BallField(), texture_size=256, padding=4)
+
+
+def _no_tmp(folder):
+    return [f for f in os.listdir(folder) if f.endswith(".tmp")] == []
+
+
+@needs_mc
+def test_extract_sphere(ball_mesh):
+    cell = 2.0 / 63
+    norms = np.linalg.norm(ball_mesh.vertices, axis=1)
+    assert np.abs(norms - 0.5).max() < cell
+    assert ball_mesh.is_watertight
+    vol = 4.0 / 3.0 * math.pi * 0.5 ** 3
+    assert ball_mesh.volume == pytest.approx(vol, rel=0.03)  # positive: faces oriented outwards
+    assert ball_mesh.metadata["isosurface_threshold"] == 50.0
+
+
+@needs_mc
+def test_auto_threshold_and_chunking():
+    field = BallField()
+    mesh = ex.extract_mesh(field, resolution=48, threshold="auto", chunk=1000)
+    level = mesh.metadata["isosurface_threshold"]
+    # threestudio's rule: mean of the positive densities on the grid
+    g = torch.linspace(-1, 1, 48)
+    pts = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    d = field.density(pts)
+    assert level == pytest.approx(float(d[d > 1e-5].mean()), rel=1e-4)
+    norms = np.linalg.norm(mesh.vertices, axis=1)
+    assert np.all((norms > 0.44) & (norms < 0.56))  # inside the density ramp
+    assert mesh.is_watertight
+
+
+@needs_mc
+def test_floater_removed():
+    field = BallField(blob=((0.75, 0.75, 0.0), 0.04))
+    raw = ex.extract_mesh(field, resolution=64, threshold=50.0, remove_outliers=False)
+    assert len(raw.split(only_watertight=False)) == 2
+    clean = ex.extract_mesh(field, resolution=64, threshold=50.0)
+    assert len(clean.split(only_watertight=False)) == 1
+    assert np.abs(np.linalg.norm(clean.vertices, axis=1) - 0.5).max() < 2.0 / 63
+
+
+@needs_mc
+def test_no_surface_raises():
+    with pytest.raises(ValueError, match="no surface.*threshold"):
+        ex.extract_mesh(BallField(), resolution=16, threshold=1000.0)
+    with pytest.raises(ValueError, match="no surface"):
+        ex.extract_mesh(BallField(scale=0.0), resolution=16, threshold="auto")
+
+
+@needs_mc
+def test_surface_cut_by_box_is_closed():
+    class Full(BallField):
+        def density(self, x):
+            return torch.full(x.shape[:-1], 10.0, dtype=x.dtype)
+
+    mesh = ex.extract_mesh(Full(), resolution=8, threshold=5.0)
+    assert mesh.is_watertight
+    assert np.abs(mesh.vertices).max() <= 1.0 + 1e-3 * 2 / 7
+    assert mesh.volume == pytest.approx(8.0, rel=1e-3)
+
+
+def _sample_at_vertices(mesh):
+    img = mesh.visual.material.baseColorTexture
+    return ex._sample_texture(img, np.asarray(mesh.visual.uv))
+
+
+def _check_colours(mesh):
+    cols = _sample_at_vertices(mesh)
+    x = np.asarray(mesh.vertices)[:, 0]
+    right, left = cols[x > 0.1], cols[x < -0.1]
+    assert len(right) > 50 and len(left) > 50
+    assert np.all(right[:, 0] > 0.6) and np.all(right[:, 2] < 0.4)
+    assert np.all(left[:, 2] > 0.6) and np.all(left[:, 0] < 0.4)
+
+
+@needs_mc
+@needs_xatlas
+def test_bake_and_glb_round_trip(baked, tmp_path):
+    assert baked.visual.uv.shape == (len(baked.vertices), 2)
+    assert baked.metadata["texture_coverage"] > 0.2
+    _check_colours(baked)
+    path = ex.save_mesh(baked, tmp_path / "sub" / "model.glb")
+    assert path.exists() and _no_tmp(path.parent)
+    loaded = trimesh.load(path, force="mesh")
+    assert loaded.visual.uv is not None and len(loaded.visual.uv) == len(loaded.vertices)
+    img = loaded.visual.material.baseColorTexture
+    assert img is not None and img.size == (256, 256)
+    _check_colours(loaded)
+
+
+@needs_mc
+@needs_xatlas
+def test_obj_and_ply(baked, tmp_path):
+    obj = ex.save_mesh(baked, tmp_path / "model.obj")
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["model.mtl", "model.obj", "model.png"]
+    assert baked.visual.material.name == "baked"  # the caller's mesh is not renamed
+    assert "map_Kd model.png" in (tmp_path / "model.mtl").read_text()
+    assert _no_tmp(tmp_path)
+    m = trimesh.load(obj, force="mesh")
+    assert len(m.faces) == len(baked.faces)
+    assert m.visual.uv is not None
+
+    ply = ex.save_mesh(baked, tmp_path / "model.ply")
+    p = trimesh.load(ply, force="mesh")
+    assert len(p.faces) == len(baked.faces)
+    cols = np.asarray(p.visual.vertex_colors)[:, :3] / 255.0
+    x = np.asarray(p.vertices)[:, 0]
+    assert np.all(cols[x > 0.1, 0] > 0.6) and np.all(cols[x < -0.1, 2] > 0.6)
+    assert _no_tmp(tmp_path)
+
+
+@needs_mc
+def test_ply_colours_from_field(ball_mesh, tmp_path):
+    ply = ex.save_mesh(ball_mesh, tmp_path / "raw.ply", field=BallField())
+    p = trimesh.load(ply, force="mesh")
+    cols = np.asarray(p.visual.vertex_colors)[:, :3] / 255.0
+    x = np.asarray(p.vertices)[:, 0]
+    assert np.all(cols[x > 0.05, 0] > 0.8) and np.all(cols[x < -0.05, 2] > 0.8)
+
+
+@needs_mc
+def test_bad_paths(ball_mesh, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for fmt in ("glb", "obj", "ply"):
+        with pytest.raises(ValueError, match="afile"):
+            ex.save_mesh(ball_mesh, blocker / "deeper" / f"m.{fmt}")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+    with pytest.raises(ValueError, match="format"):
+        ex.save_mesh(ball_mesh, tmp_path / "m.glb", format="stl")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "out.glb"
+    target.write_bytes(b"old")
+
+    def boom(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ex.os, "replace", boom)
+    with pytest.raises(OSError):
+        ex._atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["out.glb"]
+
+
+def test_turntable_gif(tmp_path):
+    from PIL import Image
+
+    from l2vsd_core.scene.renderer import VolumeRenderer
+
+    renderer = VolumeRenderer(radius=1.0, num_samples_per_ray=24)
+    path = ex.turntable_gif(renderer, BallField(), 1.0, tmp_path / "turn.gif", n_views=6, resolution=16)
+    assert _no_tmp(tmp_path)
+    with Image.open(path) as im:
+        assert im.n_frames == 6
+        assert im.size == (16, 16)
+        frames = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+    # the view from azimuth -180 (back, camera on -x) sees blue; azimuth 0 (front, +x) sees red
+    c = slice(6, 10)
+    assert frames[0][c, c, 2].mean() > frames[0][c, c, 0].mean() + 50
+    assert frames[3][c, c, 0].mean() > frames[3][c, c, 2].mean() + 50
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("skimage") is None, reason="needs scikit-image")
+def test_skimage_fallback(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mcubes", None)  # `import mcubes` now raises ImportError
+    mesh = ex.extract_mesh(BallField(), resolution=48, threshold=50.0)
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(4.0 / 3.0 * math.pi * 0.125, rel=0.03)
+    assert np.abs(np.linalg.norm(mesh.vertices, axis=1) - 0.5).max() < 2.0 / 47
+
+
+def test_no_marching_cubes_library(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mcubes", None)
+    monkeypatch.setitem(sys.modules, "skimage.measure", None)
+    with pytest.raises(ImportError, match="PyMCubes.*scikit-image"):
+        ex.extract_mesh(BallField(), resolution=16, threshold=50.0)
+
+
+@needs_mc
+@needs_xatlas
+def test_real_implicit_volume(tmp_path):
+    from l2vsd_core.scene.field import ImplicitVolume
+
+    field = ImplicitVolume(seed=0)  # untrained: the blob_magic3d density bias is a ball of radius ~0.5
+    mesh = ex.extract_mesh(field, resolution=32, threshold="auto", chunk=4096)
+    assert len(mesh.faces) > 100 and mesh.volume > 0
+    textured = ex.bake_texture(mesh, field, texture_size=64, padding=2)
+    path = ex.save_mesh(textured, tmp_path / "real.glb")
+    assert trimesh.load(path, force="mesh").visual.uv is not None
+
+
+def test_turntable_refuses_file_parent(tmp_path):
+    from l2vsd_core.scene.renderer import VolumeRenderer
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        ex.turntable_gif(VolumeRenderer(num_samples_per_ray=4), BallField(), None, tmp_path / "f" / "t.gif",
+                         n_views=2, resolution=4)
+    assert os.listdir(tmp_path) == ["f"]
