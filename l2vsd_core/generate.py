@@ -1,0 +1,529 @@
+"""``python -m l2vsd_core generate``: prompt → stage-1 NeRF → textured mesh, in one command.
+
+:func:`generate` chains the pieces: :func:`~l2vsd_core.prior.load_prior` → :class:`~l2vsd_core.prompts.PromptProcessor`
+→ :class:`~l2vsd_core.score.LoRAScore` (sharing the prior's UNet; none for ``sds``) → field, background, renderer →
+:class:`~l2vsd_core.optimize.Stage1Optimizer` ``.run`` → :func:`~l2vsd_core.export.extract_mesh` +
+:func:`~l2vsd_core.export.bake_texture` + :func:`~l2vsd_core.export.save_mesh` → turntable GIF → loss curves.
+
+Outputs in ``--out DIR``: ``config.json`` (every option, written first), ``checkpoint.safetensors`` (+ ``.json``
+sidecar; periodic and final, by the loop), ``model.glb``, ``turntable.gif``, ``curves.png`` (loss terms over steps;
+the raw numbers in ``curves.json``).  Every file is written atomically.  ``--resume`` loads
+``DIR/checkpoint.safetensors`` and continues to ``--steps``.
+
+A stop request (``should_stop``, or Ctrl-C in the CLI: the first one stops after the current step) writes the
+checkpoint and skips the export; a :class:`KeyboardInterrupt` raised inside a step also writes the checkpoint (of
+the last finished step count) before propagating.  User errors raise :class:`GenerateError` (or the loaders'
+``ValueError`` / ``FileNotFoundError``); the CLI turns them into a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+__all__ = ["GenerateError", "add_generate_arguments", "generate", "options_from_args", "CONFIG_OPTIONS",
+           "CHECKPOINT_NAME", "OUTPUT_NAMES"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+OUTPUT_NAMES = {"checkpoint": CHECKPOINT_NAME, "mesh": "model.glb", "turntable": "turntable.gif",
+                "curves": "curves.png", "curves_data": "curves.json", "config": "config.json"}
+
+# Stage1Config field → CLI option dest (every Stage1Config setting is reachable; ``distill`` has its own options and
+# ``checkpoint_path`` is ``DIR/checkpoint.safetensors``)
+CONFIG_OPTIONS = {
+    "steps": "steps", "seed": "seed", "batch_size": "batch_size", "widths": "widths",
+    "resolution_milestones": "milestones", "lr_encoding": "lr_encoding", "lr_network": "lr_network",
+    "lr_background": "lr_background", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
+    "lambda_sparsity": "lambda_sparsity", "lambda_opaque": "lambda_opaque", "lambda_z_variance": "lambda_z_variance",
+    "checkpoint_every": "checkpoint_every", "preview_every": "preview_every",
+    "preview_resolution": "preview_resolution", "preview_views": "preview_views",
+    "preview_elevation": "preview_elevation", "preview_distance": "preview_distance", "preview_fovy": "preview_fovy",
+    "radius": "radius", "num_samples_per_ray": "samples_per_ray", "grid_resolution": "grid_resolution",
+    "grid_update_every": "grid_update_every", "grid_decay": "grid_decay", "grid_threshold": "grid_threshold",
+    "camera_distance_range": "camera_distance_range", "fovy_range": "fovy_range",
+    "elevation_range": "elevation_range",
+}
+DISTILL_OPTIONS = {"method": "method", "guidance_scale": "guidance_scale", "eta": "eta", "lora_steps": "lora_steps",
+                   "esd_lambda": "esd_lambda", "jvp_mode": "jvp_mode", "fd_rel_step": "fd_rel_step",
+                   "weighting": "weighting", "grad_clip": "grad_clip"}
+
+
+class GenerateError(ValueError):
+    """A problem with the user's input (bad option, missing file); the CLI prints it as one line."""
+
+
+# --------------------------------------------------------------------------------------------------------- parsing
+def _ints(text: str) -> tuple:
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 64,512; got {text!r}") from None
+
+
+def _floats(n: Optional[int] = None):
+    def parse(text: str) -> tuple:
+        try:
+            vals = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {text!r}") from None
+        if n is not None and len(vals) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers; got {text!r}")
+        if not all(math.isfinite(v) for v in vals):
+            raise argparse.ArgumentTypeError(f"expected finite numbers; got {text!r}")
+        return vals
+    parse.__name__ = "numbers"
+    return parse
+
+
+def _schedule(text: str):
+    """A number, or threestudio's schedule ``start_step,v0,v1,end_step``."""
+    vals = _floats()(text)
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 4:
+        return [int(vals[0]) if vals[0].is_integer() else vals[0], vals[1], vals[2],
+                int(vals[3]) if vals[3].is_integer() else vals[3]]
+    raise argparse.ArgumentTypeError(f"expected a number or start_step,v0,v1,end_step; got {text!r}")
+
+
+def _threshold(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a density value; got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite density value; got {text!r}")
+    return v
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``generate`` options (defaults: ProlificDreamer stage 1 via :class:`Stage1Config`)."""
+    from .distill import DistillConfig, METHODS, WEIGHTINGS
+    from .jvp import JVP_MODES
+    from .optimize import Stage1Config
+    from .scene.hashgrid import HashGridConfig
+
+    c, d, h = Stage1Config(), DistillConfig(), HashGridConfig()
+    j = lambda v: ",".join(str(x) for x in v)  # noqa: E731
+    g = parser.add_argument_group("run")
+    g.add_argument("--prompt", required=True, help="the text to generate")
+    g.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
+    g.add_argument("--prior", required=True, help="diffusers folder or single-file SD 1.x/2.x .safetensors")
+    g.add_argument("--out", required=True, help="output folder (created)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors up to --steps")
+    g.add_argument("--steps", type=int, default=c.steps, help=f"total steps (default {c.steps})")
+    g.add_argument("--seed", type=int, default=c.seed)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = parser.add_argument_group("prior and LoRA")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    g.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override the prior's prediction type (768-v models)")
+    g.add_argument("--config-dir", default=None, help="single files only: diffusers-layout config folder")
+    g.add_argument("--tokenizer-dir", default=None, help="a local tokenizer folder to use instead of the model's")
+    g.add_argument("--lora-rank", type=int, default=4)
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    g.add_argument("--lora-lr", type=float, default=1e-4)
+    g.add_argument("--camera-dropout", type=float, default=0.1, help="LoRA camera-condition dropout")
+    g.add_argument("--lora-last-layer", default="attention", help="what l2vsd_last's 'last layer' is")
+    g = parser.add_argument_group("score distillation")
+    g.add_argument("--method", default=d.method, choices=METHODS)
+    g.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    g.add_argument("--eta", type=float, default=d.eta, help="lookahead step of l2vsd")
+    g.add_argument("--lora-steps", type=int, default=d.lora_steps, help="gamma: LoRA updates per step")
+    g.add_argument("--esd-lambda", type=float, default=d.esd_lambda)
+    g.add_argument("--jvp-mode", default=d.jvp_mode, choices=JVP_MODES)
+    g.add_argument("--fd-rel-step", type=float, default=d.fd_rel_step)
+    g.add_argument("--weighting", default=d.weighting, choices=WEIGHTINGS)
+    g.add_argument("--grad-clip", type=_schedule, default=None, help="number or start,v0,v1,end")
+    g.add_argument("--min-step-percent", type=_schedule, default=d.timesteps.min_step_percent)
+    g.add_argument("--max-step-percent", type=_schedule, default=d.timesteps.max_step_percent)
+    g.add_argument("--sqrt-anneal", action="store_true", help="HiFA's deterministic timestep annealing")
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=c.batch_size)
+    g.add_argument("--widths", type=_ints, default=c.widths, help=f"render widths (default {j(c.widths)})")
+    g.add_argument("--milestones", type=_ints, default=c.resolution_milestones,
+                   help=f"steps where the next width starts (default {j(c.resolution_milestones)})")
+    g.add_argument("--lr-encoding", type=float, default=c.lr_encoding)
+    g.add_argument("--lr-network", type=float, default=c.lr_network)
+    g.add_argument("--lr-background", type=float, default=c.lr_background)
+    g.add_argument("--betas", type=_floats(2), default=c.betas)
+    g.add_argument("--eps", type=float, default=c.eps)
+    g.add_argument("--weight-decay", type=float, default=c.weight_decay)
+    g.add_argument("--lambda-sparsity", type=_schedule, default=c.lambda_sparsity)
+    g.add_argument("--lambda-opaque", type=_schedule, default=c.lambda_opaque)
+    g.add_argument("--lambda-z-variance", type=_schedule, default=c.lambda_z_variance)
+    g.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every, help="0: only at the end / on stop")
+    g.add_argument("--preview-every", type=int, default=0, help="orbit preview PNG every N steps (0: none)")
+    g.add_argument("--preview-resolution", type=int, default=c.preview_resolution)
+    g.add_argument("--preview-views", type=int, default=c.preview_views)
+    g.add_argument("--preview-elevation", type=float, default=c.preview_elevation)
+    g.add_argument("--preview-distance", type=float, default=c.preview_distance)
+    g.add_argument("--preview-fovy", type=float, default=c.preview_fovy)
+    g.add_argument("--camera-distance-range", type=_floats(2), default=c.camera_distance_range)
+    g.add_argument("--fovy-range", type=_floats(2), default=c.fovy_range)
+    g.add_argument("--elevation-range", type=_floats(2), default=c.elevation_range)
+    g = parser.add_argument_group("scene")
+    g.add_argument("--radius", type=float, default=c.radius, help="half-size of the scene box")
+    g.add_argument("--samples-per-ray", type=int, default=c.num_samples_per_ray)
+    g.add_argument("--grid-resolution", type=int, default=c.grid_resolution, help="occupancy grid")
+    g.add_argument("--grid-update-every", type=int, default=c.grid_update_every)
+    g.add_argument("--grid-decay", type=float, default=c.grid_decay)
+    g.add_argument("--grid-threshold", type=float, default=c.grid_threshold)
+    g.add_argument("--levels", type=int, default=h.n_levels, help="hash-grid levels")
+    g.add_argument("--features-per-level", type=int, default=h.n_features_per_level)
+    g.add_argument("--log2-hashmap-size", type=int, default=h.log2_hashmap_size)
+    g.add_argument("--base-resolution", type=int, default=h.base_resolution)
+    g.add_argument("--max-resolution", type=float, default=4096.0,
+                   help="finest hash-grid resolution (sets the per-level scale; ProlificDreamer: 4096)")
+    g.add_argument("--mlp-neurons", type=int, default=64)
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "tcnn"], help="hash-grid backend")
+    g = parser.add_argument_group("export")
+    g.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid")
+    g.add_argument("--threshold", type=_threshold, default="auto", help="density level, or auto")
+    g.add_argument("--texture-size", type=int, default=1024)
+    g.add_argument("--turntable-views", type=int, default=30)
+    g.add_argument("--turntable-resolution", type=int, default=128)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    opts.pop("command", None)
+    return opts
+
+
+def _defaults() -> dict:
+    return options_from_args(add_generate_arguments(argparse.ArgumentParser()).parse_args(
+        ["--prompt", "x", "--prior", "x", "--out", "x"]))
+
+
+# -------------------------------------------------------------------------------------------------------- building
+def _check_options(o: dict) -> Path:
+    if not str(o.get("prompt") or "").strip():
+        raise GenerateError("--prompt must be a non-empty text")
+    steps = o["steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise GenerateError(f"--steps must be an integer >= 1; got {steps!r}")
+    for name in ("mesh_resolution", "texture_size", "turntable_views", "turntable_resolution", "levels",
+                 "log2_hashmap_size", "lora_rank"):
+        v = o[name]
+        if not isinstance(v, int) or v < (2 if name == "mesh_resolution" else 8 if name == "texture_size" else 1):
+            raise GenerateError(f"--{name.replace('_', '-')} is too small: {v!r}")
+    if o.get("threads") is not None and o["threads"] < 1:
+        raise GenerateError(f"--threads must be >= 1; got {o['threads']!r}")
+    out = Path(o["out"]).expanduser()
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise GenerateError(f"--out {str(out)!r}: {str(p)!r} is an existing file, not a folder")
+    if o.get("resume"):
+        ckpt = out / CHECKPOINT_NAME
+        if not ckpt.is_file():
+            raise GenerateError(f"--resume: no checkpoint to resume from: looked for {str(ckpt)!r}")
+    return out
+
+
+def _stage1_config(o: dict, out: Path):
+    from .distill import DistillConfig
+    from .optimize import Stage1Config
+    from .schedules import TimestepSampler
+
+    timesteps = TimestepSampler(1000, o["min_step_percent"], o["max_step_percent"], sqrt_anneal=o["sqrt_anneal"],
+                                max_steps=o["steps"])
+    distill = DistillConfig(timesteps=timesteps, **{f: o[k] for f, k in DISTILL_OPTIONS.items()})
+    kw = {f: (tuple(o[k]) if isinstance(o[k], list) and f not in ("lambda_sparsity", "lambda_opaque",
+                                                                   "lambda_z_variance") else o[k])
+          for f, k in CONFIG_OPTIONS.items()}
+    return Stage1Config(distill=distill, checkpoint_path=str(out / CHECKPOINT_NAME), **kw)
+
+
+def _scene(o: dict, device):
+    from .scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
+    from .scene.hashgrid import HashGridConfig
+
+    levels = o["levels"]
+    scale = 1.0 if levels == 1 else math.exp(math.log(max(o["max_resolution"] / o["base_resolution"], 1.0))
+                                                 / (levels - 1))
+    grid = HashGridConfig(n_levels=levels, n_features_per_level=o["features_per_level"],
+                          log2_hashmap_size=o["log2_hashmap_size"], base_resolution=o["base_resolution"],
+                          per_level_scale=scale)
+    field = ImplicitVolume(FieldConfig(radius=o["radius"], hashgrid=grid, backend=o["backend"],
+                                       mlp_neurons=o["mlp_neurons"], normal_type=None), seed=o["seed"])
+    background = EnvironmentBackground(BackgroundConfig(), seed=o["seed"] + 1)
+    return field.to(device), background.to(device)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_curves(history: list, path: Path) -> Path:
+    """Plot every ``loss*`` term of ``history`` (list of step → terms dicts) over steps; atomic PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for t in history for k in t if k.startswith("loss")})
+    fig, axes = plt.subplots(len(keys) or 1, 1, figsize=(7, 1.8 * max(len(keys), 1) + 0.6), sharex=True,
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(t["done"], t[key]) for t in history if key in t and math.isfinite(t[key])]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, lw=1, marker="." if len(pts) < 50 else None)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    if not keys:
+        axes[0, 0].text(0.5, 0.5, "no steps", ha="center", va="center")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.png", dir=str(path.parent))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=90)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+class _Interrupts:
+    """In the main thread: the first SIGINT asks the loop to stop after the current step (checkpoint written), a
+    second one raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+                print("\ninterrupt: stopping after this step and writing the checkpoint (Ctrl-C again to abort)",
+                      file=sys.stderr, flush=True)
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- generate
+def generate(options: dict, progress: Optional[Callable] = None,
+             should_stop: Optional[Callable[[], bool]] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run stage 1 and the export for ``options`` (the CLI's options as a dict; missing keys take the defaults).
+
+    ``progress(done, total, terms)`` after every step; ``should_stop()`` before every step (true: checkpoint,
+    no export).  Returns ``{"out", "step", "stopped", "paths": {name: path}, "warnings": [...]}``.
+    """
+    log = log or (lambda m: _log(m))
+    o = _defaults()
+    o.update(options)
+    out = _check_options(o)
+
+    import torch
+    from .optimize import Stage1Optimizer
+    from .prior import load_prior
+    from .prompts import PromptProcessor
+
+    if o.get("threads"):
+        torch.set_num_threads(int(o["threads"]))
+    config = _stage1_config(o, out)  # validates every stage-1 value before the (slow) prior load
+    prior = load_prior(o["prior"], device=o["device"], dtype=o["dtype"], prediction_type=o["prediction_type"],
+                       tokenizer_dir=o["tokenizer_dir"], config_dir=o["config_dir"])
+    config.check_prior(prior)
+    prompts = PromptProcessor(prior.encode_text, o["prompt"], negative_prompt=o["negative_prompt"])
+    score = None
+    if config.distill.needs_trainable_score:
+        from .score import LoRAScore
+        with torch.random.fork_rng(devices=[]):  # peft initialises the LoRA from the global RNG
+            torch.manual_seed(o["seed"])
+            score = LoRAScore(prior.unet, prior.alphas_cumprod, prior.prediction_type, rank=o["lora_rank"],
+                              alpha=o["lora_alpha"], lr=o["lora_lr"], camera_dropout=o["camera_dropout"],
+                              seed=o["seed"], last_layer=o["lora_last_layer"])
+    field, background = _scene(o, prior.device)
+    renderer = config.make_renderer().to(prior.device)
+    opt = Stage1Optimizer(prior, score, prompts, field, background, renderer, config)
+    # everything is validated: only now create the folder and record the options
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / OUTPUT_NAMES["config"], json.dumps({"options": o, "stage1": config.to_json()}, indent=1,
+                                                          default=str))
+
+    ckpt = out / CHECKPOINT_NAME
+    curves_json = out / OUTPUT_NAMES["curves_data"]
+    history: list = []
+    if o["resume"]:
+        meta = opt.load_checkpoint(ckpt)
+        log(f"resumed from {ckpt} at step {meta['step']}")
+        if curves_json.is_file():
+            try:
+                history = [t for t in json.loads(curves_json.read_text()) if t.get("done", 0) <= opt.global_step]
+            except (ValueError, TypeError):
+                history = []
+    start = opt.global_step
+
+    def callback(done, terms, preview):
+        history.append({"done": done, **{k: v for k, v in terms.items() if isinstance(v, float)}})
+        if preview is not None:
+            from PIL import Image
+            import numpy as np
+            img = Image.fromarray((preview.numpy() * 255).round().astype(np.uint8))
+            img.save(out / f"preview_{done:06d}.png")
+        if progress is not None:
+            progress(done, config.steps, terms)
+
+    result = {"out": str(out), "stopped": False, "paths": {}, "warnings": []}
+    with _Interrupts() as interrupts:
+        stop = lambda: interrupts.requested or (should_stop is not None and bool(should_stop()))  # noqa: E731
+        try:
+            opt.run(callback=callback, should_stop=stop)
+        except KeyboardInterrupt:
+            opt.save_checkpoint(ckpt)
+            _atomic_text(curves_json, json.dumps(history))
+            raise
+    result["step"] = opt.global_step
+    result["paths"]["checkpoint"] = str(ckpt)
+    _atomic_text(curves_json, json.dumps(history))
+    result["paths"]["curves"] = str(write_curves(history, out / OUTPUT_NAMES["curves"]))
+    if opt.global_step < config.steps:
+        result["stopped"] = True
+        log(f"stopped at step {opt.global_step}/{config.steps}; checkpoint {ckpt} (continue with --resume)")
+        return result
+    if start >= config.steps:
+        log(f"checkpoint already at step {start} >= --steps {config.steps}: exporting only")
+
+    from .export import bake_texture, extract_mesh, save_mesh, turntable_gif
+    field.eval()
+    background.eval()
+    renderer.eval()
+    t0 = time.perf_counter()
+    try:
+        mesh = extract_mesh(field, resolution=o["mesh_resolution"], threshold=o["threshold"])
+    except ValueError as e:
+        if "no surface" not in str(e):
+            raise
+        mesh = None
+        msg = f"no mesh written: {e}"
+        result["warnings"].append(msg)
+        log("warning: " + msg)
+    if mesh is not None:
+        mesh = bake_texture(mesh, field, texture_size=o["texture_size"])
+        result["paths"]["mesh"] = str(save_mesh(mesh, out / OUTPUT_NAMES["mesh"]))
+        log(f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces ({time.perf_counter() - t0:.1f} s)")
+    result["paths"]["turntable"] = str(turntable_gif(
+        renderer, field, background, out / OUTPUT_NAMES["turntable"], n_views=o["turntable_views"],
+        resolution=o["turntable_resolution"], elevation_deg=config.preview_elevation,
+        distance=config.preview_distance, fovy_deg=config.preview_fovy))
+    result["paths"]["config"] = str(out / OUTPUT_NAMES["config"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+class _Bar:
+    """tqdm when importable, else a plain ``\\r`` line on stderr."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.initial, self.last = total, initial, initial
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            self.bar = None
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, total: int, terms: dict) -> None:
+        loss = terms.get("loss", float("nan"))
+        if self.bar is not None:
+            self.bar.update(done - self.last)
+            self.bar.set_postfix(loss=f"{loss:.4g}", res=int(terms.get("resolution", 0)), refresh=False)
+        else:
+            rate = (time.perf_counter() - self.t0) / max(done - self.initial, 1)
+            print(f"\rstep {done}/{total}  loss {loss:.4g}  {rate:.2f} s/step", end="", file=sys.stderr, flush=True)
+        self.last = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``generate`` from parsed arguments; user errors → ``parser.error`` (exit 2, one line)."""
+    options = options_from_args(args)
+    bar = None
+
+    def progress(done, total, terms):
+        nonlocal bar
+        if options.get("no_progress"):
+            return
+        if bar is None:
+            bar = _Bar(total, done - 1)
+        bar(done, total, terms)
+
+    def log(msg):
+        nonlocal bar
+        if bar is not None:  # finish the bar's line first
+            bar.close()
+            bar = None
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        result = generate(options, progress=progress, log=log)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"interrupted; checkpoint in {os.path.join(options['out'], CHECKPOINT_NAME)} "
+              f"(continue with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+        if bar is not None:
+            bar.close()
+        parser.error(" ".join(str(e).split()))
+    if bar is not None:
+        bar.close()
+    for name, path in result["paths"].items():
+        print(f"{name}: {path}")
+    if result["stopped"]:
+        return 130
+    return 0
