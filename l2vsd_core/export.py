@@ -26,12 +26,13 @@ import copy
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from .files import atomic_write_bytes
 
 __all__ = ["extract_mesh", "remove_floaters", "bake_texture", "save_mesh", "turntable_gif", "auto_threshold",
            "AUTO_THRESHOLD_EPS", "FLOATER_FRACTION"]
@@ -105,24 +106,6 @@ def _check_parent(path: Path) -> None:
             break
     if path.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: it is an existing folder")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder, fsync, then ``os.replace`` it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- isosurface
@@ -430,7 +413,7 @@ def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) ->
 
     if format == "glb":
         data = trimesh.Scene(mesh).export(file_type="glb")
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
     elif format == "obj":
         from trimesh.exchange.obj import export_obj
         mtl_name = f"{path.stem}.mtl"
@@ -445,8 +428,8 @@ def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) ->
         # side files (MTL, PNG) first, the OBJ last: once the OBJ exists its references are complete
         for name, blob in (files or {}).items():
             name = os.path.basename(name)
-            _atomic_write_bytes(path.parent / name, blob if isinstance(blob, bytes) else str(blob).encode())
-        _atomic_write_bytes(path, text.encode("utf-8"))
+            atomic_write_bytes(path.parent / name, blob if isinstance(blob, bytes) else str(blob).encode())
+        atomic_write_bytes(path, text.encode("utf-8"))
     else:  # ply
         colors = None
         image = _texture_image(mesh)
@@ -464,7 +447,7 @@ def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) ->
                                    np.full((len(colors), 1), 255.0)], 1).astype(np.uint8)
             out.visual = trimesh.visual.ColorVisuals(out, vertex_colors=rgba)
         data = out.export(file_type="ply", encoding="binary")
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
     return path
 
 
@@ -502,5 +485,5 @@ def turntable_gif(renderer, field, background, path: PathLike, n_views: int = 30
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:],
                    duration=int(round(1000.0 / fps)), loop=loop, optimize=False)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -23,11 +23,12 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from .files import atomic_write, atomic_write_text
 
 __all__ = ["GenerateError", "add_generate_arguments", "generate", "options_from_args", "CONFIG_OPTIONS",
            "CHECKPOINT_NAME", "OUTPUT_NAMES"]
@@ -267,20 +268,6 @@ def _scene(o: dict, device):
     return field.to(device), background.to(device)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_curves(history: list, path: Path) -> Path:
     """Plot every ``loss*`` term of ``history`` (list of step → terms dicts) over steps; atomic PNG."""
     import matplotlib
@@ -301,17 +288,8 @@ def write_curves(history: list, path: Path) -> Path:
         axes[0, 0].text(0.5, 0.5, "no steps", ha="center", va="center")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.png", dir=str(path.parent))
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     finally:
         plt.close(fig)
     return path
@@ -386,7 +364,7 @@ def generate(options: dict, progress: Optional[Callable] = None,
     opt = Stage1Optimizer(prior, score, prompts, field, background, renderer, config)
     # everything is validated: only now create the folder and record the options
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / OUTPUT_NAMES["config"], json.dumps({"options": o, "stage1": config.to_json()}, indent=1,
+    atomic_write_text(out / OUTPUT_NAMES["config"], json.dumps({"options": o, "stage1": config.to_json()}, indent=1,
                                                           default=str))
 
     ckpt = out / CHECKPOINT_NAME
@@ -419,11 +397,11 @@ def generate(options: dict, progress: Optional[Callable] = None,
             opt.run(callback=callback, should_stop=stop)
         except KeyboardInterrupt:
             opt.save_checkpoint(ckpt)
-            _atomic_text(curves_json, json.dumps(history))
+            atomic_write_text(curves_json, json.dumps(history))
             raise
     result["step"] = opt.global_step
     result["paths"]["checkpoint"] = str(ckpt)
-    _atomic_text(curves_json, json.dumps(history))
+    atomic_write_text(curves_json, json.dumps(history))
     result["paths"]["curves"] = str(write_curves(history, out / OUTPUT_NAMES["curves"]))
     if opt.global_step < config.steps:
         result["stopped"] = True

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -47,6 +46,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write
 from .distill import DistillConfig, score_distillation
 from .schedules import Scheduled, check_scheduled, scheduled_value
 from .scene.cameras import RandomCameraSampler, orbit_cameras
@@ -439,9 +439,9 @@ class Stage1Optimizer:
         tensors = self.state_tensors()
         meta = self.state_metadata()
         text = json.dumps(meta)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: text}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: text}))
         sidecar = path.with_name(path.name + ".json")
-        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
         return path
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> dict:
@@ -508,17 +508,3 @@ class Stage1Optimizer:
         self.global_step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         return meta
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -190,20 +190,6 @@ def test_bad_paths(ball_mesh, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
-def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch):
-    target = tmp_path / "out.glb"
-    target.write_bytes(b"old")
-
-    def boom(src, dst):
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(ex.os, "replace", boom)
-    with pytest.raises(OSError):
-        ex._atomic_write_bytes(target, b"new content")
-    assert target.read_bytes() == b"old"
-    assert sorted(os.listdir(tmp_path)) == ["out.glb"]
-
-
 def test_turntable_gif(tmp_path):
     from PIL import Image
 

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..files import atomic_write_text
 from ..distill import Conditioning, DistillConfig, score_distillation
 from ..prior.model import DiffusionPrior
 from ..schedules import TimestepSampler
@@ -136,12 +137,7 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
 
 
 def write_json(data: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def table(data: dict) -> str:

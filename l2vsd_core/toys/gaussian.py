@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..distill import Conditioning, DistillConfig, score_distillation
+from ..files import atomic_write, atomic_write_text
 from ..schedules import TimestepSampler
 
 PAPER_METHODS = ("sds", "vsd", "real-vsd", "l-vsd", "l2vsd", "l2vsd_last", "hlvsd", "exact-vsd")
@@ -384,22 +384,8 @@ def plot(summary: dict, pictures: dict, path: str) -> None:
     fig.suptitle(f"2D Gaussian study, variant {summary['variant']}, {summary['samples_per_step']} sample(s)/step, "
                  f"η={summary['eta']} (seed 0 shown above)", fontsize=10)
     fig.tight_layout()
-    _atomic_save(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
-
-def _atomic_save(write, path: str) -> None:
-    """Write through a temporary file so that an interrupted run never leaves a half-written result."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def table(summary: dict) -> str:
@@ -455,7 +441,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     summary, pictures = study(methods, args.seeds, cfg, progress)
     print(file=sys.stderr)
-    _atomic_save(lambda tmp: _write_text(tmp, json.dumps(summary, indent=1)), args.json)
+    atomic_write_text(args.json, json.dumps(summary, indent=1))
     if args.plot:
         plot(summary, pictures, args.plot)
     print(table(summary))
