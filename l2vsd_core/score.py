@@ -145,6 +145,8 @@ class LoRAScore(nn.Module):
                 params[n].data = params[n].data.float()  # peft's LoRA casts its input to the LoRA weights' dtype
             params[n].requires_grad_(True)
         self._last_names = self._find_last(last_layer)
+        # Looked up once: scanning the whole UNet's parameters on every step would sit on the hot path.
+        self._trainable = {n: params[n] for n in self._trainable_names}
 
         self.generator = torch.Generator().manual_seed(int(seed))
         self.optimizer = torch.optim.AdamW([params[n] for n in self._trainable_names], lr=lr, betas=tuple(betas),
@@ -175,13 +177,11 @@ class LoRAScore(nn.Module):
         """``"all"``: every trainable parameter (LoRA + camera embedding); ``"last"``: the LoRA of the last layer."""
         if scope not in ("all", "last"):
             raise ValueError(f"scope must be one of all, last; got {scope!r}")
-        params = dict(self.named_parameters())
-        return {n: params[n] for n in (self._trainable_names if scope == "all" else self._last_names)}
+        return {n: self._trainable[n] for n in (self._trainable_names if scope == "all" else self._last_names)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA and camera-embedding weights only (what a checkpoint of φ needs)."""
-        params = dict(self.named_parameters())
-        return {n: params[n].detach().clone() for n in self._trainable_names}
+        return {n: p.detach().clone() for n, p in self._trainable.items()}
 
     # ----------------------------------------------------------------------------------------------------- calls
     @contextlib.contextmanager
@@ -235,10 +235,9 @@ class LoRAScore(nn.Module):
     def loss(self, x0: torch.Tensor, text: Optional[torch.Tensor], camera: Optional[torch.Tensor]) -> torch.Tensor:
         """threestudio's ``train_lora``: denoising loss on the detached render at a fresh t′, ε′; camera dropout."""
         x0 = x0.detach()
-        params = dict(self.named_parameters())
-        for n in self._trainable_names:  # peft's disable_adapters() (a prior call in shared mode) clears these
-            if not params[n].requires_grad:
-                params[n].requires_grad_(True)
+        for p in self._trainable.values():  # peft's disable_adapters() (a prior call in shared mode) clears these
+            if not p.requires_grad:
+                p.requires_grad_(True)
         batch = x0.shape[0]
         t, noise, keep = self.draw(x0)
         cam = self._camera(camera, batch, x0)

@@ -40,3 +40,10 @@ def test_writes_and_creates_the_folder(tmp_path):
     assert files.atomic_write_text(target, "héllo") == target
     assert target.read_text(encoding="utf-8") == "héllo"
     assert sorted(os.listdir(target.parent)) == ["c.txt"]
+
+
+def test_result_gets_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    target = files.atomic_write_text(tmp_path / "model.glb", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
