@@ -45,7 +45,12 @@ WEIGHTINGS = ("sds", "uniform")
 # --------------------------------------------------------------------------------------------------------- protocols
 @runtime_checkable
 class FrozenScore(Protocol):
-    """The pretrained prior ε_pre: called as ``prior(x_t, t, text)`` → raw model output."""
+    """The pretrained prior ε_pre: called as ``prior(x_t, t, text)`` → raw model output.
+
+    ``alphas_cumprod`` must be a plain attribute (or property), not an ``nn.Module`` buffer: from Python 3.12 on,
+    ``isinstance`` against a runtime-checkable protocol looks members up with ``inspect.getattr_static``, which does
+    not see buffers (they live in ``_buffers``).  Users call ``.to(device)`` on it where they index it.
+    """
 
     prediction_type: str          # "epsilon", "v_prediction" or "sample"
     alphas_cumprod: torch.Tensor  # ᾱ_t for t = 0 … T−1
@@ -104,7 +109,7 @@ class DistillConfig:
     eta: float = 1e-2                   # lookahead step η of l2vsd / l2vsd_last (paper's analysis value)
     lora_steps: int = 1                 # γ: updates of φ per iteration (after for vsd, before for lvsd / hlvsd)
     esd_lambda: float = 0.0             # ESD λ: weight of the camera-unconditioned score
-    jvp_mode: str = "forward_ad"        # see jvp.JVP_MODES
+    jvp_mode: str = "auto"              # see jvp.JVP_MODES; "auto": the fastest exact mode on the device
     fd_rel_step: float = 1e-3           # step of the finite-difference JVP modes, relative to ‖φ‖
     weighting: str = "sds"              # w(t): "sds" = 1 − ᾱ_t (DreamFusion, threestudio), "uniform" = 1
     grad_clip: Optional[Scheduled] = None  # clamp |grad| elementwise (threestudio's grad_clip), may be scheduled
@@ -113,8 +118,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.jvp_mode not in JVP_MODES:
-            raise ValueError(f"jvp_mode must be one of {', '.join(JVP_MODES)}; got {self.jvp_mode!r}")
+        if self.jvp_mode not in ("auto",) + JVP_MODES:
+            raise ValueError(f"jvp_mode must be one of auto, {', '.join(JVP_MODES)}; got {self.jvp_mode!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
         _require(math.isfinite(self.eta) and self.eta >= 0, "eta", self.eta, "a finite number >= 0")

@@ -147,7 +147,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--eta", type=float, default=d.eta, help="lookahead step of l2vsd")
     g.add_argument("--lora-steps", type=int, default=d.lora_steps, help="gamma: LoRA updates per step")
     g.add_argument("--esd-lambda", type=float, default=d.esd_lambda)
-    g.add_argument("--jvp-mode", default=d.jvp_mode, choices=JVP_MODES)
+    g.add_argument("--jvp-mode", default=d.jvp_mode, choices=("auto",) + JVP_MODES)
     g.add_argument("--fd-rel-step", type=float, default=d.fd_rel_step)
     g.add_argument("--weighting", default=d.weighting, choices=WEIGHTINGS)
     g.add_argument("--grad-clip", type=_schedule, default=None, help="number or start,v0,v1,end")

@@ -18,7 +18,7 @@ linear in a dummy cotangent).  Approximate modes: ``fd_forward`` (one extra forw
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -31,34 +31,62 @@ JVP_MODES = EXACT_JVP_MODES + APPROX_JVP_MODES
 ScoreFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 @contextlib.contextmanager
 def math_attention():
-    """Route ``scaled_dot_product_attention`` to the math kernel where a tangent flows through it.
+    """Make attention and normalization safe for a tangent pass, where a tangent flows through them.
 
-    Fused attention kernels (flash, memory-efficient) have no forward-mode AD or double-backward rules
-    (pytorch #98164, #128971); the math kernel is plain differentiable ops.  Attention calls that no tangent reaches
-    (everything before the first tangent-carrying parameter, e.g. all but the end of the network for a last-layer
-    JVP) keep the fast kernels.  While active, ``torch.nn.functional.scaled_dot_product_attention`` (which diffusers'
-    attention processors look up at call time) is wrapped; the original is restored on exit.
+    - ``scaled_dot_product_attention`` goes to the math kernel: fused kernels (flash, memory-efficient) have no
+      forward-mode AD or double-backward rules (pytorch #98164, #128971); the math kernel is plain differentiable ops.
+    - Half-precision (fp16/bf16) inputs of attention, ``layer_norm`` and ``group_norm`` are computed in float32 and
+      cast back: on CUDA these kernels keep float32 statistics for half inputs, and their forward-AD formulas then
+      mix dtypes (seen on an H100 with torch 2.11: "expected mat1 and mat2 to have the same dtype, float != Half").
+
+    Calls that no tangent reaches (everything before the first tangent-carrying parameter, e.g. all but the end of
+    the network for a last-layer JVP) keep the fast kernels.  While active, the three functions of
+    ``torch.nn.functional`` (which diffusers and ``nn.LayerNorm``/``nn.GroupNorm`` look up at call time) are wrapped;
+    the originals are restored on exit.
     """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: nothing to switch
-        yield
-        return
-    original = F.scaled_dot_product_attention
+    except ImportError:  # older torch: no kernel switch
+        SDPBackend = sdpa_kernel = None
+    originals = {name: getattr(F, name) for name in ("scaled_dot_product_attention", "layer_norm", "group_norm")}
+    attention_, layer_norm_, group_norm_ = (originals[n] for n in originals)
 
-    def attention(query, key, value, *args, **kwargs):
-        if any(_carries_tangent(x) for x in (query, key, value)):
-            with sdpa_kernel([SDPBackend.MATH]):
-                return original(query, key, value, *args, **kwargs)
-        return original(query, key, value, *args, **kwargs)
+    def attention(query, key, value, attn_mask=None, *args, **kwargs):
+        if not any(_carries_tangent(x) for x in (query, key, value)):
+            return attention_(query, key, value, attn_mask, *args, **kwargs)
+        dtype = query.dtype
+        if dtype in HALF_DTYPES:
+            query, key, value = query.float(), key.float(), value.float()
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.float()
+        with (sdpa_kernel([SDPBackend.MATH]) if sdpa_kernel is not None else contextlib.nullcontext()):
+            return attention_(query, key, value, attn_mask, *args, **kwargs).to(dtype)
 
-    F.scaled_dot_product_attention = attention
+    def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if input.dtype not in HALF_DTYPES or not _carries_tangent(input):
+            return layer_norm_(input, normalized_shape, weight, bias, eps)
+        return layer_norm_(input.float(), normalized_shape, _float(weight), _float(bias), eps).to(input.dtype)
+
+    def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+        if input.dtype not in HALF_DTYPES or not _carries_tangent(input):
+            return group_norm_(input, num_groups, weight, bias, eps)
+        return group_norm_(input.float(), num_groups, _float(weight), _float(bias), eps).to(input.dtype)
+
+    F.scaled_dot_product_attention, F.layer_norm, F.group_norm = attention, layer_norm, group_norm
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        for name, fn in originals.items():
+            setattr(F, name, fn)
+
+
+def _float(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.float()
 
 
 def _carries_tangent(x: torch.Tensor) -> bool:
@@ -93,19 +121,47 @@ def _norm(tensors) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors))
 
 
+def fastest_exact_mode(device: torch.device | str) -> str:
+    """The exact mode that ``"auto"`` picks on this kind of device, from ``python -m l2vsd_core.bench step``
+    (README, "Speed"): forward_ad on CPU (1.83 × vsd vs double_backward 2.37, SD-2.1-base at 64²) and on CUDA
+    (H100, fp16: see the README table)."""
+    return FASTEST_EXACT_MODE.get(torch.device(device).type, "forward_ad")
+
+
+FASTEST_EXACT_MODE = {"cpu": "forward_ad", "cuda": "forward_ad"}
+
+
 def jvp(fn: ScoreFn, params: Mapping[str, torch.Tensor], tangents: Mapping[str, torch.Tensor],
-        mode: str = "forward_ad", *, primal: torch.Tensor | None = None,
+        mode: str = "auto", *, primal: torch.Tensor | None = None,
         fd_rel_step: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(fn(params), J_params fn · tangents)``, both detached.
 
+    ``mode``: one of ``JVP_MODES``, or ``"auto"`` for the fastest exact mode on the parameters' device.
     ``primal`` (optional) is ``fn(params)`` already computed; only ``fd_forward`` can reuse it (the exact modes produce
     the primal in the same pass anyway).  Finite-difference modes step ``h = fd_rel_step * max(‖φ‖, 1) / ‖v‖`` along
     v: too large a step measures curvature, too small one rounding (see ``notes/jvp.md``).
     """
+    if mode == "auto":
+        mode = fastest_exact_mode(next(iter(params.values())).device) if params else "forward_ad"
     _check(params, tangents, mode)
     params = {k: v.detach() for k, v in params.items()}
     tangents = {k: v.detach().to(params[k].dtype) for k, v in tangents.items()}
+    if mode in EXACT_JVP_MODES:
+        # J·v is linear in v: run the pass on v/‖v‖ and scale the result back in float32.  The lookahead direction
+        # −η∇L is tiny (η = 1e-2 times a small gradient); in an fp16 network its tangents would underflow.
+        v_norm = float(_norm(tangents.values()))
+        if v_norm == 0.0:
+            with torch.no_grad():
+                out = fn(params).detach()
+            return out, torch.zeros_like(out)
+        unit = {k: (v / v_norm).to(v.dtype) for k, v in tangents.items()}
+        out, tangent_out = _exact_jvp(fn, params, unit, mode)
+        wide = torch.promote_types(tangent_out.dtype, torch.float32)  # float32, or float64 if that is what ran
+        return out, (tangent_out.to(wide) * v_norm).to(tangent_out.dtype)
+    return _finite_difference_jvp(fn, params, tangents, mode, primal, fd_rel_step)
 
+
+def _exact_jvp(fn: ScoreFn, params, tangents, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Forward mode needs no autograd graph: under no_grad, tensors that no tangent reaches stay plain, so their
     # attention keeps the fused kernels (see math_attention) and nothing is recorded for a backward pass.
     if mode == "func":
@@ -120,21 +176,22 @@ def jvp(fn: ScoreFn, params: Mapping[str, torch.Tensor], tangents: Mapping[str, 
             tangent_out = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
             return out.primal.detach(), tangent_out.detach()
 
-    if mode == "double_backward":
-        # g(u) = J^T u is linear in u, so d<g(u), v>/du = J v.
-        with math_attention(), torch.enable_grad():
-            leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
-            out = fn(leaves)
-            u = torch.zeros_like(out, requires_grad=True)
-            names = list(leaves)
-            vjps = torch.autograd.grad(out, [leaves[k] for k in names], u, create_graph=True, allow_unused=True)
-            used = [(g, tangents[k]) for g, k in zip(vjps, names) if g is not None and g.requires_grad]
-            if not used:
-                return out.detach(), torch.zeros_like(out)
-            (tangent_out,) = torch.autograd.grad([g for g, _ in used], u, [v for _, v in used], allow_unused=True)
-        tangent_out = torch.zeros_like(out) if tangent_out is None else tangent_out
-        return out.detach(), tangent_out.detach()
+    # double_backward: g(u) = J^T u is linear in u, so d<g(u), v>/du = J v.
+    with math_attention(), torch.enable_grad():
+        leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+        out = fn(leaves)
+        u = torch.zeros_like(out, requires_grad=True)
+        names = list(leaves)
+        vjps = torch.autograd.grad(out, [leaves[k] for k in names], u, create_graph=True, allow_unused=True)
+        used = [(g, tangents[k]) for g, k in zip(vjps, names) if g is not None and g.requires_grad]
+        if not used:
+            return out.detach(), torch.zeros_like(out)
+        (tangent_out,) = torch.autograd.grad([g for g, _ in used], u, [v for _, v in used], allow_unused=True)
+    tangent_out = torch.zeros_like(out) if tangent_out is None else tangent_out
+    return out.detach(), tangent_out.detach()
 
+
+def _finite_difference_jvp(fn: ScoreFn, params, tangents, mode: str, primal, fd_rel_step: float):
     # Finite differences along v.
     with torch.no_grad():
         v_norm = _norm(tangents.values())

@@ -115,13 +115,15 @@ class LoRAScore(nn.Module):
         self.adapter_name = adapter_name
         self.camera_dropout = float(camera_dropout)
         self.last_layer = last_layer
-        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod).detach().clone().float())
+        # A plain attribute, not a buffer: see distill.FrozenScore.
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().clone().float()
 
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)),
                          adapter_name=adapter_name)
         self.unet = unet
         param = next(unet.parameters())
+        self._unet_dtype = param.dtype
         time_embed_dim = unet.time_embedding.linear_2.out_features
         # Trainable weights (camera here, LoRA below) are kept in fp32 under a half-precision UNet; the UNet casts
         # the class embedding to its own dtype.
@@ -216,12 +218,17 @@ class LoRAScore(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor],
                 camera: Optional[torch.Tensor]) -> torch.Tensor:
-        """Raw UNet output (ε or v, per ``prediction_type``) with the LoRA on and the camera as class label."""
+        """Raw UNet output (ε or v, per ``prediction_type``) with the LoRA on and the camera as class label.
+
+        Computed in the UNet's dtype (fp16 on CUDA), returned in ``x_t``'s dtype (the render's fp32), like the prior."""
         if text is None:
             raise ValueError("text must be the text-encoder embeddings [B, L, D]; the UNet needs a condition")
         cam = self._camera(camera, x_t.shape[0], x_t)
+        dtype = self._unet_dtype
         with self._lora_on():
-            return self.unet(x_t, t, encoder_hidden_states=text, class_labels=cam, return_dict=False)[0]
+            out = self.unet(x_t.to(dtype), t, encoder_hidden_states=text.to(dtype), class_labels=cam,
+                            return_dict=False)[0]
+        return out.to(x_t.dtype)
 
     def draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss's random draws from ``self.generator``, in this order: t′ ~ U{0, …, T−1} [B], ε′ like x0, and

@@ -14,7 +14,8 @@ def test_step_benchmark_writes_ratios(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert set(data) == {"device", "config", "methods", "ratio_to_vsd"}
+    assert set(data) == {"device", "config", "methods", "ratio_to_vsd", "errors"}
+    assert data["errors"] == {}
     assert list(data["methods"]) == ["vsd", "l2vsd:double_backward", "l2vsd_last"]
     for result in data["methods"].values():
         assert result["s_per_step"] > 0

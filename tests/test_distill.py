@@ -25,7 +25,7 @@ class ConstantPrior(nn.Module):
     def __init__(self, c_cond, c_uncond=None):
         super().__init__()
         self.c_cond, self.c_uncond = c_cond, c_uncond
-        self.register_buffer("alphas_cumprod", ALPHAS)
+        self.alphas_cumprod = ALPHAS  # plain attribute: distill.FrozenScore
 
     def forward(self, x_t, t, text):
         if text is None:
@@ -48,7 +48,7 @@ class LinearScore(nn.Module):
         self.b = nn.Parameter(torch.randn(dim, generator=g))
         self.M = nn.Parameter(torch.randn(dim, cam, generator=g))
         self.goal = [torch.randn(dim, dim, generator=g), torch.randn(dim, generator=g), torch.randn(dim, cam, generator=g)]
-        self.register_buffer("alphas_cumprod", ALPHAS)
+        self.alphas_cumprod = ALPHAS  # plain attribute: distill.FrozenScore
         self.opt = torch.optim.SGD(self.parameters(), lr=lr)
 
     def forward(self, x_t, t, text, camera):
@@ -282,7 +282,7 @@ def test_gradient_reaches_parameters_through_a_differentiable_renderer():
     ({"lora_steps": 0}, r"lora_steps \(γ\) must be an integer >= 1"),
     ({"lora_steps": 1.5}, r"lora_steps \(γ\) must be an integer >= 1"),
     ({"esd_lambda": 1.5}, r"esd_lambda must be a number in \[0, 1\]"),
-    ({"jvp_mode": "backward"}, r"jvp_mode must be one of forward_ad"),
+    ({"jvp_mode": "backward"}, r"jvp_mode must be one of auto, forward_ad"),
     ({"weighting": "snr"}, r"weighting must be one of sds, uniform"),
     ({"guidance_scale": -1}, r"guidance_scale must be"),
     ({"grad_clip": [1, 2]}, r"grad_clip must be a number or \[start_step, v0, v1, end_step\]"),

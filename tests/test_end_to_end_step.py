@@ -85,3 +85,14 @@ def test_separate_base_unet_for_the_lora(prior_paths):
         _, result = _run(prior, score, method, extra)
         assert torch.isfinite(result.grad).all(), method
         assert (result.lora_loss is None) == (method == "sds")
+
+
+def test_every_method_runs_on_a_half_precision_prior_with_float32_renders(prior_paths):
+    """CUDA runs the UNet in fp16 while the NeRF renders in fp32; bf16 is the half precision CPU has, so this is the
+    CPU stand-in for that path: every method (every JVP mode) on a bf16 prior and a shared bf16 UNet."""
+    prior = load_prior(prior_paths["folder_eps"], device="cpu", dtype="bf16")
+    score = LoRAScore(prior.unet, prior.alphas_cumprod, prior.prediction_type, rank=2, lr=1e-3)
+    for method, extra in METHODS:
+        image, result = _run(prior, score, method, extra)
+        assert result.grad.dtype == torch.float32 and image.grad.dtype == torch.float32, method
+        assert torch.isfinite(result.grad).all() and float(image.grad.abs().sum()) > 0, (method, extra)

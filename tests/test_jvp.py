@@ -152,3 +152,57 @@ def test_bad_input_names_the_problem():
 
 def test_mode_lists_are_consistent():
     assert set(JVP_MODES) == set(EXACT_JVP_MODES) | set(APPROX_JVP_MODES)
+
+
+def test_auto_mode_is_the_fastest_exact_mode_of_the_device():
+    from l2vsd_core.jvp import FASTEST_EXACT_MODE, fastest_exact_mode
+    assert set(FASTEST_EXACT_MODE.values()) <= set(EXACT_JVP_MODES) and {"cpu", "cuda"} <= set(FASTEST_EXACT_MODE)
+    model, x, params, tangents = make_case(0)
+    picked = fastest_exact_mode(x.device)
+    out_auto, tan_auto = jvp(score_fn(model, x), params, tangents, "auto")
+    out_pick, tan_pick = jvp(score_fn(model, x), params, tangents, picked)
+    assert torch.equal(out_auto, out_pick) and torch.equal(tan_auto, tan_pick)
+
+
+@pytest.mark.parametrize("mode", EXACT_JVP_MODES)
+def test_a_tiny_direction_in_half_precision_keeps_its_digits(mode):
+    """The lookahead direction −η∇L is tiny; fp16/bf16 tangents of that size would underflow or lose their digits.
+    The exact modes run on v/‖v‖ and rescale, so the relative error is that of half precision itself (bf16: ~1e-2),
+    however small v is."""
+    model, x, params, tangents = make_case(1)
+    ref = float64_reference(model, x, params, tangents)
+    half = copy.deepcopy(model).to(torch.float16)
+    p16 = dict(half.named_parameters())
+    for scale in (1.0, 1e-6):  # 1e-6 · v sits at fp16's subnormals (6e-8): without the rescaling, digits are lost
+        t16 = {k: (scale * v).to(torch.float16) for k, v in tangents.items()}
+        _, tangent = jvp(score_fn(half, x.to(torch.float16)), p16, t16, mode)
+        assert tangent.dtype == torch.float16
+        assert rel_err(tangent.double() / scale, ref) < 0.02, (mode, scale)
+
+
+def test_tangent_passes_compute_half_precision_norms_and_attention_in_float32():
+    """Inside ``math_attention``, half inputs that carry a tangent go through layer_norm, group_norm and attention in
+    float32 (CUDA's half kernels keep float32 statistics and their forward-AD formulas then mix dtypes); inputs that
+    carry none keep the original kernels, and the originals are back afterwards."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from l2vsd_core.jvp import math_attention
+    originals = (F.scaled_dot_product_attention, F.layer_norm, F.group_norm)
+    x = torch.randn(2, 4, 8, dtype=torch.bfloat16)
+    dx = torch.randn_like(x)
+    with math_attention(), fwAD.dual_level():
+        dual = fwAD.make_dual(x, dx)
+        outs = {
+            "layer_norm": (F.layer_norm(dual, (8,)), lambda a: F.layer_norm(a, (8,))),
+            "group_norm": (F.group_norm(dual, 2), lambda a: F.group_norm(a, 2)),
+            "attention": (F.scaled_dot_product_attention(dual, dual, dual), lambda a: F.scaled_dot_product_attention(a, a, a)),
+        }
+        plain = F.layer_norm(x, (8,))
+        results = {name: (fwAD.unpack_dual(out), f) for name, (out, f) in outs.items()}
+    for name, ((primal, tangent), f) in results.items():
+        assert primal.dtype == tangent.dtype == torch.bfloat16, name
+        with sdpa_kernel([SDPBackend.MATH]):  # the reference: float64, the math kernel
+            _, ref_tangent = torch.func.jvp(f, (x.double(),), (dx.double(),))
+        assert rel_err(tangent, ref_tangent) < 0.02, name
+    assert plain.dtype == torch.bfloat16 and torch.equal(plain, F.layer_norm(x, (8,)))
+    assert (F.scaled_dot_product_attention, F.layer_norm, F.group_norm) == originals

@@ -5,6 +5,7 @@ makes any socket connection fail).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import socket
@@ -104,6 +105,8 @@ def _reference_unet(tiny, x, t, text):
 def test_folder_prior_matches_the_in_memory_model(models, prior):
     tiny = models["sd15"]
     assert isinstance(prior, DiffusionPrior) and isinstance(prior, FrozenScore)
+    for member in ("prediction_type", "alphas_cumprod"):  # isinstance's lookup from Python 3.12 on
+        inspect.getattr_static(prior, member)
     assert prior.prediction_type == "epsilon" and prior.is_latent
     assert prior.latent_channels == 4 and prior.vae_scale_factor == 2 and prior.image_size == 16
     assert prior.device == torch.device("cpu") and prior.dtype == torch.float32

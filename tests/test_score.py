@@ -1,4 +1,5 @@
 """The LoRA score on a tiny SD-shaped UNet: protocol, camera embedding, shared UNet, loss, JVPs, every engine method."""
+import inspect
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -62,7 +63,7 @@ class UNetPrior(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
-        self.register_buffer("alphas_cumprod", ALPHAS)
+        self.alphas_cumprod = ALPHAS  # plain attribute: distill.FrozenScore
 
     def forward(self, x_t, t, text):
         shared = getattr(self.unet, "_hf_peft_config_loaded", False)
@@ -80,6 +81,9 @@ class UNetPrior(torch.nn.Module):
 def test_protocol_and_trainable_set():
     score = make_score(random=False)
     assert isinstance(score, TrainableScore) and isinstance(UNetPrior(tiny_unet()), FrozenScore)
+    # What isinstance does from Python 3.12 on (ComfyUI's Python): members found without __getattr__ (no buffers).
+    for member in ("prediction_type", "alphas_cumprod", "loss", "lookahead_parameters", "step"):
+        inspect.getattr_static(score, member)
     trainable = {n for n, p in score.named_parameters() if p.requires_grad}
     every = score.lookahead_parameters("all")
     assert trainable == set(every)
@@ -249,6 +253,13 @@ def test_half_precision_unet_keeps_float32_trainable_weights():
     assert any(not torch.equal(v, before[k]) for k, v in score.lookahead_parameters("all").items())
     with torch.no_grad():
         assert score(x0, t, text, camera).dtype == torch.bfloat16
+        # The product passes fp32 renders and latents to a half-precision UNet (fp16 on CUDA): computed in the
+        # UNet's dtype, returned in the caller's, as the prior does.
+        out32 = score(x0.float(), t, text.float(), camera.float())
+    assert out32.dtype == torch.float32
+    assert torch.equal(out32, score(x0, t, text, camera).float())
+    loss32 = score.loss(x0.float(), text.float(), camera.float())
+    assert torch.isfinite(loss32) and loss32.dtype == torch.float32
 
 
 # -------------------------------------------------------------------------------------------------------- JVP

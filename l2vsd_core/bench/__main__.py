@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     step.add_argument("--latent", type=int, help="latent side (default: 16 for tiny, 64 for sd21)")
     step.add_argument("--device", default="auto")
     step.add_argument("--dtype", default="auto")
+    step.add_argument("--compile", action="store_true", help="torch.compile the UNet's forward")
     step.add_argument("--json", help="write the results here")
     render = sub.add_parser("render", help="rays/s of the stage-1 renderer, forward+backward, with and without "
                                            "the occupancy grid")
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
         methods = (DEFAULT_METHODS if args.methods is None
                    else tuple(m.strip() for m in args.methods.split(",") if m.strip()))
         run = lambda: run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
-                                         dtype=args.dtype, latent=args.latent, progress=progress)
+                                         dtype=args.dtype, latent=args.latent, compile=args.compile,
+                                         progress=progress)
         show = table
     try:
         data = run()

@@ -55,14 +55,14 @@ CONFIGS = {
 
 
 def parse_method(name: str) -> tuple[str, str]:
-    """``"l2vsd:func"`` → ("l2vsd", "func"); a bare name uses the default JVP mode."""
+    """``"l2vsd:func"`` → ("l2vsd", "func"); a bare name uses the default JVP mode ("auto")."""
     method, _, mode = name.partition(":")
-    return method, (mode or "forward_ad")
+    return method, (mode or "auto")
 
 
 def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int = 10, warmup: int = 2,
                        device: str = "auto", dtype: str = "auto", seed: int = 0, latent: Optional[int] = None,
-                       progress=None) -> dict:
+                       compile: bool = False, progress=None) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {config!r}")
     if steps < 1 or warmup < 0:
@@ -75,6 +75,10 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
     torch.manual_seed(seed)
     spec = CONFIGS[config]
     unet = spec["unet"]()
+    if compile:
+        # torch.compile of the UNet's forward: the passes that compile (prior, LoRA forward/backward) get faster; a
+        # forward-AD pass through it falls back or fails, which the table then shows per method.
+        unet.forward = torch.compile(unet.forward, dynamic=False)
     prior = DiffusionPrior(unet, SCHEDULER, text_encoder=None, tokenizer=None, device=device, dtype=dtype,
                            name=f"random {config}")
     dev = prior.device
@@ -110,9 +114,16 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
 
     times = {name: [] for name in methods}
     peaks = {name: [] for name in methods}
+    errors: dict[str, str] = {}
     for round_ in range(warmup + steps):
         for name in methods:
-            seconds, peak = one_step(name, round_)
+            if name in errors:
+                continue
+            try:
+                seconds, peak = one_step(name, round_)
+            except (RuntimeError, NotImplementedError, AssertionError) as err:  # e.g. a mode that does not compile
+                errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                continue
             if round_ >= warmup:
                 times[name].append(seconds)
                 if peak is not None:
@@ -120,7 +131,8 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
         if progress:
             progress(round_ + 1, warmup + steps)
     results = {name: {"s_per_step": statistics.median(times[name]),
-                      "peak_mem_mb": max(peaks[name]) if peaks[name] else None} for name in methods}
+                      "peak_mem_mb": max(peaks[name]) if peaks[name] else None} for name in methods
+               if name not in errors}
     base = results.get("vsd", {}).get("s_per_step")
     return {
         "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
@@ -130,9 +142,11 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
                    "lora_parameters": sum(p.numel() for p in score.lookahead_parameters("all").values()),
                    "last_layer_parameters": sum(p.numel() for p in score.lookahead_parameters("last").values()),
                    "steps": steps, "warmup": warmup, "torch": torch.__version__, "shared_unet": True,
+                   "compile": compile,
                    "peak_mem": "torch.cuda.max_memory_allocated per step" if cuda else "not measured on CPU"},
         "methods": results,
         "ratio_to_vsd": {name: r["s_per_step"] / base for name, r in results.items()} if base else {},
+        "errors": errors,
     }
 
 
@@ -142,9 +156,11 @@ def write_json(data: dict, path: str) -> None:
 
 def table(data: dict) -> str:
     lines = [f"device: {data['device']}; config: {data['config']['name']} ({data['config']['latent']}² latents, "
-             f"{data['config']['dtype']})", "", "| method | s/step (median) | × vsd | peak MB |", "|---|---|---|---|"]
+             f"{data['config']['dtype']}{', torch.compile' if data['config'].get('compile') else ''})", "", "| method | s/step (median) | × vsd | peak MB |", "|---|---|---|---|"]
     for name, r in data["methods"].items():
         ratio = data["ratio_to_vsd"].get(name)
         peak = "—" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"| {name} | {r['s_per_step']:.4f} | {'—' if ratio is None else f'{ratio:.2f}'} | {peak} |")
+    for name, err in data.get("errors", {}).items():
+        lines.append(f"| {name} | failed: {err} | — | — |")
     return "\n".join(lines)

@@ -110,8 +110,8 @@ class DiffusionPrior(torch.nn.Module):
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.register_buffer("alphas_cumprod", alphas_cumprod_from_scheduler_config(scheduler_config).to(self.device),
-                             persistent=False)
+        # A plain attribute, not a buffer: see distill.FrozenScore.
+        self.alphas_cumprod = alphas_cumprod_from_scheduler_config(scheduler_config).to(self.device)
         self._uncond_cache: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------------ properties

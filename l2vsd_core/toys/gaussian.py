@@ -72,7 +72,7 @@ class GaussianPrior(nn.Module):
         super().__init__()
         self.register_buffer("mu", mu)
         self.register_buffer("factor", factor)
-        self.register_buffer("alphas_cumprod", alphas_cumprod)
+        self.alphas_cumprod = alphas_cumprod  # plain attribute: distill.FrozenScore
 
     def forward(self, x_t, t, text=None):
         return gaussian_epsilon(x_t, t, self.alphas_cumprod, self.mu, self.factor)
@@ -108,7 +108,7 @@ class GaussianScore(nn.Module):
         d = scene.mu.shape[0]
         self.mu = nn.Parameter(torch.zeros(d, dtype=scene.mu.dtype))
         self.factor = nn.Parameter(torch.zeros(d, d, dtype=scene.mu.dtype))
-        self.register_buffer("alphas_cumprod", alphas_cumprod)
+        self.alphas_cumprod = alphas_cumprod  # plain attribute: distill.FrozenScore
         self._scene = [scene]  # a list, so the scene's parameters are not registered as r's
         self.target = target
         params = [self.mu, self.factor]
