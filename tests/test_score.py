@@ -301,6 +301,29 @@ def test_exact_jvp_modes_through_the_unet_match_a_float64_reference(scope, esd_l
     assert all(p.grad is None for p in score.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16 UNet kernels); runs on a GPU machine")
+@pytest.mark.parametrize("scope", ["all", "last"])
+def test_exact_jvp_modes_on_an_fp16_cuda_unet_match_float64(scope):
+    """The product's CUDA path: fp16 UNet, fp32 LoRA weights and inputs, a tiny lookahead-sized direction."""
+    score = make_score().cuda()
+    score.unet.half()
+    for p in score.lookahead_parameters("all").values():
+        p.data = p.data.float()
+    score._unet_dtype = torch.float16
+    x, t, text, camera = inputs(2)
+    cond = Conditioning(text=text.cuda(), camera=camera.cuda())
+    params = score.lookahead_parameters(scope)
+    g = torch.Generator().manual_seed(5)
+    tangents = {k: 1e-6 * torch.randn(p.shape, generator=g) for k, p in params.items()}  # ~ η ∇L
+    fn = lambda p: trainable_epsilon(score, x.cuda(), t.cuda(), cond, 0.0, p)
+    _, ref = float64_reference(scope, x, t, Conditioning(text=text, camera=camera), 0.0,
+                               {k: v * 1e6 for k, v in tangents.items()})
+    for mode in EXACT_JVP_MODES:
+        primal, tangent = jvp(fn, params, {k: v.cuda() for k, v in tangents.items()}, mode)
+        assert primal.dtype == tangent.dtype == torch.float32 and torch.isfinite(tangent).all(), mode
+        assert rel_err(tangent.cpu() * 1e6, ref) < 2e-2, (mode, rel_err(tangent.cpu() * 1e6, ref))
+
+
 def test_forward_ad_through_the_unet_needs_math_attention():
     """Without ``jvp.math_attention`` the fused CPU attention kernel has no forward-AD rule: the test above means it."""
     score = make_score()
