@@ -138,12 +138,33 @@ def remove_floaters(mesh, fraction: float = FLOATER_FRACTION):
     trimesh = _require_trimesh()
     if len(mesh.faces) == 0:
         return mesh
-    parts = mesh.split(only_watertight=False)
-    if len(parts) <= 1:
+    # Component labels over shared edges (what mesh.split uses), without building one mesh per component: a young
+    # NeRF's isosurface can have tens of thousands of floaters, and split() then takes minutes.
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    counts = np.bincount(labels)
+    if len(counts) <= 1:
         return mesh
-    counts = np.array([len(p.faces) for p in parts])
-    keep = [p for p, c in zip(parts, counts) if c >= fraction * counts.max()]
-    return trimesh.util.concatenate(keep)
+    kept = mesh.copy()
+    kept.update_faces(counts[labels] >= fraction * counts.max())
+    kept.remove_unreferenced_vertices()
+    return kept
+
+
+def decimate(mesh, max_faces: int):
+    """Quadric-error decimation (fast-simplification, through trimesh) down to ``max_faces`` when the mesh has more;
+    otherwise ``mesh`` itself.  UV unwrapping (xatlas) time grows quickly with the face count, and a young NeRF's
+    isosurface can have a million faces."""
+    if isinstance(max_faces, bool) or not isinstance(max_faces, int) or max_faces < 4:
+        raise ValueError(f"max_faces must be an int >= 4; got {max_faces!r}")
+    if len(mesh.faces) <= max_faces:
+        return mesh
+    try:
+        simplified = mesh.simplify_quadric_decimation(face_count=max_faces)
+    except ImportError as e:  # trimesh delegates to the optional package
+        raise ImportError("decimating a mesh needs 'fast-simplification' (pip install fast-simplification)") from e
+    simplified.remove_unreferenced_vertices()
+    simplified.metadata.update(mesh.metadata)
+    return simplified
 
 
 def extract_mesh(field, resolution: int = 128, threshold: Union[str, float] = "auto", chunk: int = 262144,

@@ -252,3 +252,15 @@ def test_turntable_refuses_file_parent(tmp_path):
         ex.turntable_gif(VolumeRenderer(num_samples_per_ray=4), BallField(), None, tmp_path / "f" / "t.gif",
                          n_views=2, resolution=4)
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_decimate_caps_the_faces_and_keeps_the_shape():
+    sphere = trimesh.creation.icosphere(5, radius=0.5)  # 20480 faces
+    assert ex.decimate(sphere, 50_000) is sphere
+    small = ex.decimate(sphere, 2000)
+    assert 1000 <= len(small.faces) <= 2000
+    assert abs(small.volume / sphere.volume - 1) < 0.02
+    radii = np.linalg.norm(small.vertices, axis=1)
+    assert np.abs(radii - 0.5).max() < 0.01  # vertices stay on the sphere
+    with pytest.raises(ValueError, match="max_faces"):
+        ex.decimate(sphere, 0)
