@@ -152,6 +152,9 @@ class DistillResult:
     noise: torch.Tensor              # the ε injected into x_t = √ᾱ x0 + √(1−ᾱ) ε
     lora_loss: Optional[float]       # mean training loss of the trainable score this step
     terms: dict[str, float]          # RMS norms for logging (‖ε_pre − ε_φ‖, ‖Δε_first‖, …)
+    x_t: Optional[torch.Tensor] = None       # the noisy input both scores saw (detached)
+    eps_pre: Optional[torch.Tensor] = None   # ε_pre after CFG (detached)
+    eps_est: Optional[torch.Tensor] = None   # the method's ε_est (detached; the noise itself for sds)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -304,7 +307,33 @@ def score_distillation(x0: torch.Tensor, prior: FrozenScore, score: Optional[Tra
     target = (x0 - grad).detach()
     loss = 0.5 * F.mse_loss(x0, target, reduction="sum") / batch
     lora_loss = sum(lora_losses) / len(lora_losses) if lora_losses else None
-    return DistillResult(loss=loss, grad=grad.detach(), t=t, noise=noise, lora_loss=lora_loss, terms=terms)
+    return DistillResult(loss=loss, grad=grad.detach(), t=t, noise=noise, lora_loss=lora_loss, terms=terms,
+                         x_t=x_t, eps_pre=eps_pre.detach(), eps_est=eps_est.detach())
+
+
+def image_space_loss(image: torch.Tensor, result: DistillResult, decode, alphas_cumprod: torch.Tensor,
+                     weighting: str = "sds") -> tuple[torch.Tensor, torch.Tensor]:
+    """HiFA's image-space score distillation (threestudio ``use_img_loss``), for any method's ``result``.
+
+    Both one-step denoised estimates ``x̂0 = (x_t − σ ε) / α`` (with ε_pre and with ε_est) are decoded to RGB, and
+    ``grad_img = w(t) · (img_est − img_pre) · α / σ`` is sent into ``image`` (the render the latents were encoded
+    from, [B, 3, H, W] with graph) by the same target trick.  Where the decoder is the identity up to scale this is
+    the latent gradient in image space: ``x̂0_est − x̂0_pre = σ (ε_pre − ε_est) / α``.  Returns (loss, grad_img).
+    """
+    a_bar = _expand(alphas_cumprod.to(result.x_t.device)[result.t], result.x_t)
+    alpha, sigma = a_bar.sqrt(), (1 - a_bar).sqrt()
+    with torch.no_grad():
+        img_pre = decode((result.x_t - sigma * result.eps_pre) / alpha)
+        img_est = decode((result.x_t - sigma * result.eps_est) / alpha)
+        weight = (1 - a_bar) if weighting == "sds" else torch.ones_like(a_bar)
+        scale = _expand((weight * alpha / sigma).flatten(), img_pre).to(img_pre.device)
+        grad_img = torch.nan_to_num(scale * (img_est - img_pre), nan=0.0, posinf=0.0, neginf=0.0)
+    if grad_img.shape != image.shape:
+        raise ValueError(f"decoded images {tuple(grad_img.shape)} do not match the render {tuple(image.shape)}: "
+                         f"pass the render at the prior's image size")
+    grad_img = grad_img.to(image.dtype)
+    target = (image - grad_img).detach()
+    return 0.5 * F.mse_loss(image, target, reduction="sum") / image.shape[0], grad_img
 
 
 def _linearized_lookahead(score, x0, x_t, t, cond, config, terms):

@@ -34,6 +34,7 @@ __all__ = ["GenerateError", "add_generate_arguments", "generate", "options_from_
            "CHECKPOINT_NAME", "OUTPUT_NAMES"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+DEFAULT_MAX_FACES = 200_000
 OUTPUT_NAMES = {"checkpoint": CHECKPOINT_NAME, "mesh": "model.glb", "turntable": "turntable.gif",
                 "curves": "curves.png", "curves_data": "curves.json", "config": "config.json"}
 
@@ -44,7 +45,7 @@ CONFIG_OPTIONS = {
     "resolution_milestones": "milestones", "lr_encoding": "lr_encoding", "lr_network": "lr_network",
     "lr_background": "lr_background", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
     "lambda_sparsity": "lambda_sparsity", "lambda_opaque": "lambda_opaque", "lambda_z_variance": "lambda_z_variance",
-    "checkpoint_every": "checkpoint_every", "preview_every": "preview_every",
+    "lambda_orient": "lambda_orient", "lambda_image": "lambda_image", "checkpoint_every": "checkpoint_every", "preview_every": "preview_every",
     "preview_resolution": "preview_resolution", "preview_views": "preview_views",
     "preview_elevation": "preview_elevation", "preview_distance": "preview_distance", "preview_fovy": "preview_fovy",
     "radius": "radius", "num_samples_per_ray": "samples_per_ray", "grid_resolution": "grid_resolution",
@@ -167,7 +168,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--weight-decay", type=float, default=c.weight_decay)
     g.add_argument("--lambda-sparsity", type=_schedule, default=c.lambda_sparsity)
     g.add_argument("--lambda-opaque", type=_schedule, default=c.lambda_opaque)
-    g.add_argument("--lambda-z-variance", type=_schedule, default=c.lambda_z_variance)
+    g.add_argument("--lambda-z-variance", type=_schedule, default=c.lambda_z_variance, help="HiFA: 300")
+    g.add_argument("--lambda-orient", type=_schedule, default=c.lambda_orient,
+                   help="orientation loss; needs --normal-type (stage 1 default: 0, no normals)")
+    g.add_argument("--lambda-image", type=_schedule, default=c.lambda_image,
+                   help="HiFA's image-space distillation loss (threestudio lambda_vsd_img; HiFA: 0.01)")
     g.add_argument("--checkpoint-every", type=int, default=c.checkpoint_every, help="0: only at the end / on stop")
     g.add_argument("--preview-every", type=int, default=0, help="orbit preview PNG every N steps (0: none)")
     g.add_argument("--preview-resolution", type=int, default=c.preview_resolution)
@@ -193,9 +198,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="finest hash-grid resolution (sets the per-level scale; ProlificDreamer: 4096)")
     g.add_argument("--mlp-neurons", type=int, default=64)
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "tcnn"], help="hash-grid backend")
+    g.add_argument("--normal-type", default="none", choices=["none", "finite_difference", "analytic"],
+                   help="field normals (stage 1: none; --lambda-orient needs them)")
     g = parser.add_argument_group("export")
     g.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid")
     g.add_argument("--threshold", type=_threshold, default="auto", help="density level, or auto")
+    g.add_argument("--max-faces", type=int, default=DEFAULT_MAX_FACES,
+                   help="decimate the isosurface to at most this many faces before UV unwrapping")
     g.add_argument("--texture-size", type=int, default=1024)
     g.add_argument("--turntable-views", type=int, default=30)
     g.add_argument("--turntable-resolution", type=int, default=128)
@@ -221,10 +230,16 @@ def _check_options(o: dict) -> Path:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise GenerateError(f"--steps must be an integer >= 1; got {steps!r}")
     for name in ("mesh_resolution", "texture_size", "turntable_views", "turntable_resolution", "levels",
-                 "log2_hashmap_size", "lora_rank"):
-        v = o[name]
-        if not isinstance(v, int) or v < (2 if name == "mesh_resolution" else 8 if name == "texture_size" else 1):
+                 "log2_hashmap_size", "lora_rank", "max_faces"):
+        v = o.get(name, DEFAULT_MAX_FACES if name == "max_faces" else None)
+        least = {"mesh_resolution": 2, "texture_size": 8, "max_faces": 4}.get(name, 1)
+        if not isinstance(v, int) or v < least:
             raise GenerateError(f"--{name.replace('_', '-')} is too small: {v!r}")
+    orient = o.get("lambda_orient", 0.0)
+    if (orient if isinstance(orient, (int, float)) else max(orient[1], orient[2])) > 0 \
+            and o.get("normal_type", "none") == "none":
+        raise GenerateError("--lambda-orient > 0 needs normals from the field: add --normal-type finite_difference "
+                            "(or analytic)")
     if o.get("threads") is not None and o["threads"] < 1:
         raise GenerateError(f"--threads must be >= 1; got {o['threads']!r}")
     out = Path(o["out"]).expanduser()
@@ -247,7 +262,8 @@ def _stage1_config(o: dict, out: Path):
                                 max_steps=o["steps"])
     distill = DistillConfig(timesteps=timesteps, **{f: o[k] for f, k in DISTILL_OPTIONS.items()})
     kw = {f: (tuple(o[k]) if isinstance(o[k], list) and f not in ("lambda_sparsity", "lambda_opaque",
-                                                                   "lambda_z_variance") else o[k])
+                                                                   "lambda_z_variance", "lambda_orient",
+                                                                   "lambda_image") else o[k])
           for f, k in CONFIG_OPTIONS.items()}
     return Stage1Config(distill=distill, checkpoint_path=str(out / CHECKPOINT_NAME), **kw)
 
@@ -263,7 +279,10 @@ def _scene(o: dict, device):
                           log2_hashmap_size=o["log2_hashmap_size"], base_resolution=o["base_resolution"],
                           per_level_scale=scale)
     field = ImplicitVolume(FieldConfig(radius=o["radius"], hashgrid=grid, backend=o["backend"],
-                                       mlp_neurons=o["mlp_neurons"], normal_type=None), seed=o["seed"])
+                                       mlp_neurons=o["mlp_neurons"],
+                                       normal_type=None if o.get("normal_type", "none") == "none"
+                                       else o["normal_type"]),
+                          seed=o["seed"])
     background = EnvironmentBackground(BackgroundConfig(), seed=o["seed"] + 1)
     return field.to(device), background.to(device)
 
@@ -410,7 +429,7 @@ def generate(options: dict, progress: Optional[Callable] = None,
     if start >= config.steps:
         log(f"checkpoint already at step {start} >= --steps {config.steps}: exporting only")
 
-    from .export import bake_texture, extract_mesh, save_mesh, turntable_gif
+    from .export import bake_texture, decimate, extract_mesh, save_mesh, turntable_gif
     field.eval()
     background.eval()
     renderer.eval()
@@ -425,6 +444,9 @@ def generate(options: dict, progress: Optional[Callable] = None,
         result["warnings"].append(msg)
         log("warning: " + msg)
     if mesh is not None:
+        if len(mesh.faces) > o.get("max_faces", DEFAULT_MAX_FACES):
+            log(f"decimating the isosurface from {len(mesh.faces)} to {o.get('max_faces', DEFAULT_MAX_FACES)} faces")
+            mesh = decimate(mesh, o.get("max_faces", DEFAULT_MAX_FACES))
         mesh = bake_texture(mesh, field, texture_size=o["texture_size"])
         result["paths"]["mesh"] = str(save_mesh(mesh, out / OUTPUT_NAMES["mesh"]))
         log(f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces ({time.perf_counter() - t0:.1f} s)")

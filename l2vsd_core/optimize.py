@@ -9,9 +9,10 @@ One :meth:`Stage1Optimizer.step` is threestudio's ``training_step`` for ``prolif
 3. ``prior.encode_images`` → x0; ``prompt_processor.conditioning(elevation, azimuth, c2w_flat)``;
 4. :func:`~l2vsd_core.distill.score_distillation` (sds / vsd / lvsd / l2vsd / … as ``config.distill.method``);
 5. loss = distill loss + λ_sparsity·mean(√(opacity² + 0.01)) + λ_opaque·BCE(opacity, opacity) (clamped to
-   [1e-3, 1 − 1e-3]) + λ_z_variance·mean(z_variance[opacity > 0.5]); the λ may be threestudio schedules
-   ``[start_step, v0, v1, end_step]``.  The orientation loss is omitted: it needs normals, which stage 1 has off
-   (``normal_type: null``, ``lambda_orient 0``);
+   [1e-3, 1 − 1e-3]) + λ_z_variance·mean(z_variance[opacity > 0.5]) + λ_orient·Σ sg(w)·max(0, n·d)² / #(opacity
+   > 0) (needs a field with normals; ProlificDreamer's stage 1 has them off: ``normal_type: null``,
+   ``lambda_orient 0``) + λ_image·(HiFA's image-space loss, :func:`~l2vsd_core.distill.image_space_loss`); the λ
+   may be threestudio schedules ``[start_step, v0, v1, end_step]``;
 6. backward, one AdamW step (betas (0.9, 0.99), eps 1e-15; encoding 0.01, networks 0.001, background 0.001);
 7. ``occupancy_grid.maybe_update(step, field)``.
 
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write
-from .distill import DistillConfig, score_distillation
+from .distill import DistillConfig, image_space_loss, score_distillation
 from .schedules import Scheduled, check_scheduled, scheduled_value
 from .scene.cameras import RandomCameraSampler, orbit_cameras
 from .scene.renderer import OccupancyGrid, VolumeRenderer
@@ -91,6 +92,8 @@ class Stage1Config:
     lambda_sparsity: Scheduled = 10.0
     lambda_opaque: Scheduled = (10000, 0.0, 1000.0, 10001)
     lambda_z_variance: Scheduled = 0.0
+    lambda_orient: Scheduled = 0.0               # needs a field with normals (ProlificDreamer stage 1: 0, no normals)
+    lambda_image: Scheduled = 0.0                # HiFA's image-space loss (threestudio lambda_vsd_img; HiFA: 0.01)
     checkpoint_every: int = 1000                 # 0: only at the end / on stop
     checkpoint_path: Optional[str] = None        # where run() writes; None: run() writes no checkpoint
     preview_every: int = 200                     # 0: no previews
@@ -136,7 +139,7 @@ class Stage1Config:
         _require(_is_num(self.eps) and self.eps > 0, "eps", self.eps, "a finite number > 0")
         _require(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
                  and all(_is_num(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
-        for name in ("lambda_sparsity", "lambda_opaque", "lambda_z_variance"):
+        for name in ("lambda_sparsity", "lambda_opaque", "lambda_z_variance", "lambda_orient", "lambda_image"):
             v = getattr(self, name)
             check_scheduled(name, v)
             vals = [v] if _is_num(v) else [v[1], v[2]]
@@ -180,6 +183,23 @@ class Stage1Config:
                 return os.fspath(v)
             return v
         return conv(self)
+
+
+# Settings a resumed run may change: they do not alter the trajectory up to the step it resumes from.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "checkpoint_path", "preview_", "distill.timesteps.max_steps")
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(key, saved, current)`` for every setting that differs, except ``RESUMABLE_CHANGES``."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b and not name.startswith(RESUMABLE_CHANGES):
+            changes.append((name, a, b))
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------------- the optimizer
@@ -251,6 +271,12 @@ class Stage1Optimizer:
             mask = opacity > 0.5
             zv = out["z_variance"][mask]
             terms["z_variance"] = (lam, zv.mean() if zv.numel() else opacity.sum() * 0)
+        lam = scheduled_value(cfg.lambda_orient, step)
+        if lam > 0:
+            if "orient" not in out:
+                raise ValueError("lambda_orient > 0 needs normals from the field: build it with normal_type "
+                                 "'finite_difference' or 'analytic' (generate --normal-type)")
+            terms["orient"] = (lam, out["orient"].sum() / (opacity > 0).sum().clamp_min(1))
         return terms
 
     def step(self) -> dict[str, float]:
@@ -280,6 +306,12 @@ class Stage1Optimizer:
             terms["loss_lora"] = float(result.lora_loss)
         for k, v in result.terms.items():
             terms[f"distill_{k}"] = float(v)
+        lam = scheduled_value(cfg.lambda_image, step)
+        if lam > 0:  # HiFA: the same estimate, distilled in image space too
+            image_loss, _ = image_space_loss(image, result, self.prior.decode_latents, self.prior.alphas_cumprod,
+                                             cfg.distill.weighting)
+            loss = loss + lam * image_loss
+            terms["loss_image"] = float(image_loss.detach())
         for name, (lam, value) in self.regularizers(out, step).items():
             loss = loss + lam * value
             terms[f"loss_{name}"] = float(value.detach())
@@ -463,6 +495,12 @@ class Stage1Optimizer:
             raise ValueError(f"cannot read checkpoint {path}: not a valid stage-1 checkpoint ({e})") from e
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint {path} has format {meta.get('format')!r}; expected {CHECKPOINT_FORMAT!r}")
+        changed = config_changes(meta.get("config", {}), self.config.to_json())
+        if changed:
+            shown = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in changed[:6])
+            raise ValueError(f"checkpoint {path} was made with other settings ({shown}"
+                             f"{'; …' if len(changed) > 6 else ''}): resume with the same settings (only the step "
+                             f"count, checkpoint and preview settings may change) or start a new run")
 
         # validate every module's keys and shapes before touching anything
         expected = {}

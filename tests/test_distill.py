@@ -316,3 +316,31 @@ def test_every_method_runs_and_reports_its_terms():
         assert torch.isfinite(r.grad).all() and torch.isfinite(r.loss)
         assert (r.lora_loss is None) == (method == "sds")
         assert ("delta_first_rms" in r.terms) == (method in ("l2vsd", "l2vsd_last", "hlvsd"))
+
+
+def test_image_space_loss_is_the_latent_gradient_in_image_space():
+    """HiFA's image loss on a pixel-space decoder x ↦ (x + 1)/2: grad_img = w·(ε_pre − ε_est)/2 wherever neither
+    decoded estimate is clamped, and the loss sends grad_img / B into the render."""
+    from l2vsd_core.distill import DistillResult, image_space_loss
+    torch.manual_seed(0)
+    alphas = torch.linspace(0.999, 0.01, 1000)
+    image = torch.rand(2, 3, 4, 4, requires_grad=True)
+    x0 = image.detach() * 2 - 1
+    t = torch.tensor([100, 300])
+    a = alphas[t].view(-1, 1, 1, 1)
+    noise = torch.randn_like(x0)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps_pre, eps_est = noise + 0.05 * torch.randn_like(x0), noise + 0.05 * torch.randn_like(x0)
+    result = DistillResult(loss=torch.zeros(()), grad=torch.zeros_like(x0), t=t, noise=noise, lora_loss=None,
+                           terms={}, x_t=x_t, eps_pre=eps_pre, eps_est=eps_est)
+    decode = lambda x: ((x + 1) / 2).clamp(0, 1)
+    loss, grad_img = image_space_loss(image, result, decode, alphas)
+    loss.backward()
+    torch.testing.assert_close(image.grad, grad_img / 2)
+    inside = ((x_t - (1 - a).sqrt() * eps_pre) / a.sqrt()).abs().lt(1) & \
+             ((x_t - (1 - a).sqrt() * eps_est) / a.sqrt()).abs().lt(1)
+    expected = (1 - a) * (eps_pre - eps_est) / 2
+    assert inside.float().mean() > 0.5
+    torch.testing.assert_close(grad_img[inside], expected.expand_as(grad_img)[inside], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="do not match the render"):
+        image_space_loss(image[:, :, :2], result, decode, alphas)

@@ -129,6 +129,7 @@ def test_no_surface_still_writes_the_other_outputs(prior_dir, tmp_path):
     ("missing_prior", "no diffusion prior at"),
     ("resume_without_checkpoint", "looked for"),
     ("bad_widths_syntax", "expected comma-separated integers"),
+    ("orient_without_normals", "--lambda-orient > 0 needs normals"),
 ])
 def test_bad_inputs_exit_2_with_one_line(prior_dir, tmp_path, capsys, case, expect):
     out = tmp_path / "o"
@@ -147,6 +148,8 @@ def test_bad_inputs_exit_2_with_one_line(prior_dir, tmp_path, capsys, case, expe
         args += ["--resume"]
     elif case == "bad_widths_syntax":
         args += ["--widths", "8;16"]
+    elif case == "orient_without_normals":
+        args += ["--lambda-orient", "0.1"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
@@ -159,7 +162,7 @@ def test_bad_inputs_exit_2_with_one_line(prior_dir, tmp_path, capsys, case, expe
     if case == "resume_without_checkpoint":
         assert str(out / "checkpoint.safetensors") in last
     assert not (out / "model.glb").exists()
-    if case in ("bad_width", "missing_prior", "bad_widths_syntax", "steps0"):
+    if case in ("bad_width", "missing_prior", "bad_widths_syntax", "steps0", "orient_without_normals"):
         assert not out.exists()  # nothing is created before every input is checked
 
 
@@ -173,3 +176,35 @@ def test_bench_is_forwarded(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
     assert exc.value.code == 0 and "l2vsd_core.bench" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_a_real_process_stops_after_the_step_with_a_checkpoint(prior_dir, tmp_path):
+    """A real SIGINT to the CLI (what Ctrl-C sends): the step finishes, the checkpoint is written, no mesh, exit 130,
+    and --resume continues from it."""
+    import signal
+    import time
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "l2vsd_core", *_args(prior_dir, out, 10_000)], cwd=str(ROOT),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.safetensors").exists():  # the first periodic checkpoint: it is training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped at step" in err and "Traceback" not in err
+    meta = json.loads((out / "checkpoint.safetensors.json").read_text())
+    assert 2 <= meta["step"] < 10_000
+    assert not (out / "model.glb").exists()
+    r = _cli(_args(prior_dir, out, meta["step"] + 1, "--resume", "--max-faces", "200"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoint.safetensors'} at step {meta['step']}" in r.stderr
+    assert "decimating the isosurface" in r.stderr  # the exported mesh is capped at --max-faces
+    import trimesh
+    assert 0 < len(trimesh.load(out / "model.glb", force="mesh").faces) <= 200

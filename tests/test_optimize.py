@@ -128,8 +128,13 @@ def test_corrupt_and_mismatched_checkpoints(prior_dir, tmp_path):
     with pytest.raises(ValueError, match="does not match this configuration"):
         bigger.load_checkpoint(good)
     with_lora = _build(prior_dir, _config("vsd"))
-    with pytest.raises(ValueError, match="does not match this configuration"):
+    with pytest.raises(ValueError, match="other settings .*distill.method: checkpoint 'sds', now 'vsd'"):
         with_lora.load_checkpoint(good)
+    other = _build(prior_dir, _config("sds", lambda_sparsity=3.0, seed=4))
+    with pytest.raises(ValueError, match="lambda_sparsity: checkpoint 10.0, now 3.0; seed: checkpoint 3, now 4"):
+        other.load_checkpoint(good)
+    longer = _build(prior_dir, _config("sds", steps=20, checkpoint_every=5, preview_every=2))
+    assert longer.load_checkpoint(good)["step"] == 1  # a longer run, other checkpoint/preview cadence: fine
 
 
 @pytest.mark.parametrize("kw, name", [
@@ -196,3 +201,24 @@ def test_periodic_checkpoints(prior_dir, tmp_path):
     opt.run(callback=callback)
     assert seen == [None, None, 2, 2, 4]  # written after steps 2 and 4 (the callback runs before the write)
     assert json.loads((tmp_path / "ckpt.safetensors.json").read_text())["step"] == 5  # and at the end
+
+
+def test_hifa_image_loss_and_orientation_term(prior_dir):
+    opt = _build(prior_dir, _config("vsd", lambda_image=0.01))
+    terms = [opt.step() for _ in range(2)]
+    assert all(math.isfinite(t["loss_image"]) and t["loss_image"] > 0 for t in terms)
+    with pytest.raises(ValueError, match="lambda_orient > 0 needs normals"):
+        _build(prior_dir, _config("sds", lambda_orient=0.1)).step()
+    opt = _build(prior_dir, _config("sds", lambda_orient=0.1))
+    opt.field.config.normal_type = "finite_difference"  # the field now returns normals
+    terms = opt.step()
+    assert math.isfinite(terms["loss_orient"]) and terms["loss_orient"] >= 0
+
+
+@pytest.mark.parametrize("method", ["sds", "l2vsd"])
+def test_a_batch_of_cameras_per_step(prior_dir, method):
+    opt = _build(prior_dir, _config(method, batch_size=3))
+    before = _params(opt)
+    terms = [opt.step() for _ in range(2)]
+    assert all(t["skipped"] == 0.0 and math.isfinite(t["loss"]) for t in terms)
+    assert any(not torch.equal(before[k], v) for k, v in _params(opt).items())

@@ -269,3 +269,23 @@ def test_bad_rays():
         renderer.render(o[:, :2], d[:, :2], field)
     with pytest.raises(ValueError, match="background"):
         renderer.render(o, d, field, background=torch.ones(4, dtype=D))
+
+
+def test_orientation_term_is_weighted_back_facing_normals():
+    """``orient`` = Σ_i sg(w_i)·max(0, n_i·d)² per ray, checked against the ball's geometric normals at the samples;
+    an opaque ball shows only its front (normals face the camera): ≈ 0."""
+    field = Ball(r=0.45, sigma=2.0)
+    o, d = rays_along_x([0.0, 0.2, 0.6])  # through the centre, off-centre, a miss
+    out = VolumeRenderer(radius=1.0, num_samples_per_ray=256).eval().render(o, d, field)
+    points = o[:, None, :] + d[:, None, :] * out["t"][..., None]
+    normals = points / points.norm(dim=-1, keepdim=True)
+    expected = (out["weights"] * (normals * d[:, None, :]).sum(-1).clamp_min(0) ** 2).sum(-1, keepdim=True)
+    torch.testing.assert_close(out["orient"], expected, atol=1e-9, rtol=1e-9)
+    assert float(out["orient"][0]) > 0.05 and float(out["orient"][2]) == 0.0  # semi-transparent: the back shows
+    opaque = VolumeRenderer(radius=1.0, num_samples_per_ray=1024).eval().render(o, d, Ball(r=0.45, sigma=1e4))
+    assert float(opaque["orient"].max()) < 1e-3
+    # no gradient through the weights (threestudio detaches them): only normals are pushed, and this ball's normals
+    # do not depend on its (learnable) density
+    learn = Ball(r=0.45, sigma=2.0, learnable=True)
+    learned = VolumeRenderer(radius=1.0, num_samples_per_ray=64).eval().render(o, d, learn)
+    assert learned["opacity"].requires_grad and not learned["orient"].requires_grad

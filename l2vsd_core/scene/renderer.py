@@ -339,6 +339,10 @@ class VolumeRenderer(nn.Module):
         }
         if normal is not None:
             out["normal"] = (w[..., None] * normal).sum(-2)
+            # threestudio's orientation term per ray: Σ_i sg(w_i)·max(0, n_i·d)², normals that face away from the
+            # camera (d points into the scene), weighted by where the ray ends.
+            facing_away = (normal * dirs[:, None, :].to(normal.dtype)).sum(-1).clamp_min(0.0)
+            out["orient"] = (w.detach() * facing_away ** 2).sum(-1, keepdim=True)
         return out
 
     def render(self, rays_o: torch.Tensor, rays_d: torch.Tensor, field, background: Background = None,
@@ -347,7 +351,8 @@ class VolumeRenderer(nn.Module):
         """Render rays [..., 3].
 
         Returns ``rgb`` [..., 3] (over the background), ``rgb_fg`` [..., 3] (foreground only), ``opacity``,
-        ``depth``, ``z_variance`` [..., 1], ``normal`` [..., 3] (only if the field gives normals), ``weights`` and
+        ``depth``, ``z_variance`` [..., 1], ``normal`` [..., 3] and ``orient`` [..., 1] (threestudio's orientation
+        term, Σ sg(w)·max(0, n·d)²; both only if the field gives normals), ``weights`` and
         ``t`` [..., S] (per-sample weights and depths) and ``num_evaluated`` (how many samples the field saw).
         ``background``: None (black), a constant or per-ray colour (tensor/number broadcastable to [..., 3]) or a
         callable ``directions [..., 3] -> rgb [..., 3]``, called once per render on the unit directions in the
@@ -377,6 +382,7 @@ class VolumeRenderer(nn.Module):
             for c in chunks:
                 if "normal" not in c:
                     c["normal"] = torch.zeros_like(c["rgb_fg"])
+                    c["orient"] = torch.zeros_like(c["opacity"])
         out = {}
         for key in chunks[0]:
             if key == "num_evaluated":
