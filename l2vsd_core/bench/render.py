@@ -66,6 +66,7 @@ def run_render_benchmark(resolution: int = 64, samples: int = 64, levels: int = 
         results[name] = {"s_per_render": median, "rays_per_s": rays / median,
                          "field_points_per_render": statistics.median(evaluated[name])}
     return {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "accelerators": accelerators(),
             "config": {"resolution": resolution, "samples_per_ray": samples, "levels": levels,
                        "log2_hashmap_size": log2_hashmap_size, "backend": type(field.encoding).__name__
                        if hasattr(field, "encoding") else backend, "grid_resolution": grid_resolution,
@@ -73,10 +74,18 @@ def run_render_benchmark(resolution: int = 64, samples: int = 64, levels: int = 
             "variants": results}
 
 
+def accelerators() -> dict:
+    """Which optional CUDA accelerators import here (a tcnn row needs ``--backend tcnn``; nerfacc has no path yet)."""
+    import importlib.util
+    return {name: importlib.util.find_spec(name) is not None for name in ("tinycudann", "nerfacc")}
+
+
 def render_table(data: dict) -> str:
     c = data["config"]
     lines = [f"device: {data['device']}; {c['resolution']}² rays, {c['samples_per_ray']} samples/ray, hash grid "
              f"{c['levels']} levels × 2^{c['log2_hashmap_size']} ({c['backend']})", "",
+             "accelerators importable: " + ", ".join(f"{k} {'yes' if v else 'no'}"
+                                                     for k, v in data.get("accelerators", {}).items()), "",
              "| variant | rays/s (fwd+bwd) | s/render | field points/render |", "|---|---|---|---|"]
     for name, r in data["variants"].items():
         lines.append(f"| {name} | {r['rays_per_s']:.0f} | {r['s_per_render']:.3f} | {r['field_points_per_render']:.0f} |")
