@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCH_VERSION := $(PY) -c "import torch; print(torch.__version__)"
 
-.PHONY: install test demo clean distclean
+.PHONY: install test demo gaussian-study clean distclean
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,13 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The main job on the bundled default: "a red cube" → L²-VSD on the bundled toy prior → GLB, turntable, curves,
+# metrics in out/demo.
 demo: $(VENV)/.installed
+	$(PY) -m l2vsd_core.toys.world.demo --prompt "a red cube" --method l2vsd --out out/demo
+
+# The paper's 2D Gaussian study (README).
+gaussian-study: $(VENV)/.installed
 	mkdir -p out
 	$(PY) -m l2vsd_core.toys.gaussian --seeds 5 --json out/gaussian.json --plot out/gaussian.png
 

@@ -1,4 +1,5 @@
-"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]`` and ``… render [--json F]``."""
+"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]``, ``… render [--json F]`` and
+``… quality --prompts FILE [--methods …] [--seeds N] [--steps N] [--json F]``."""
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,27 @@ def main(argv=None) -> int:
     render.add_argument("--backend", default="auto", help="hash grid: auto, torch or tcnn")
     render.add_argument("--rounds", type=int, default=5)
     render.add_argument("--json", help="write the results here")
+    quality = sub.add_parser("quality", help="stage 1 on the bundled toy prior per prompt × method × seed, scored "
+                                             "by prompt fidelity, Fréchet distance and silhouette IoU (resumable)")
+    quality.add_argument("--prompts", required=True, help="a file with one world prompt per line ('a red cube')")
+    quality.add_argument("--methods", default=None, help="comma-separated (default: sds,vsd,lvsd,l2vsd,l2vsd_last,"
+                                                         "esd,l2esd; also hifa, hlvsd)")
+    quality.add_argument("--seeds", type=int, default=3)
+    quality.add_argument("--steps", type=int, default=None, help="stage-1 steps per run (default: the demo's)")
+    quality.add_argument("--out", default="out/bench_quality", help="run folders (finished runs are reused)")
+    quality.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     progress = lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True)
     from .step import write_json
 
-    if args.command == "render":
+    if args.command == "quality":
+        from .quality import DEFAULT_METHODS as QUALITY_METHODS, quality_table, read_prompts, run_quality_benchmark
+        methods = (QUALITY_METHODS if args.methods is None
+                   else tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+        run = lambda: run_quality_benchmark(read_prompts(args.prompts), methods, args.seeds, args.steps, args.out,
+                                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        show = quality_table
+    elif args.command == "render":
         from .render import render_table, run_render_benchmark
         run = lambda: run_render_benchmark(args.resolution, args.samples, args.levels, args.log2_hashmap_size,
                                            args.rounds, backend=args.backend, progress=progress)
