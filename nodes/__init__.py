@@ -3,8 +3,34 @@
 The nodes are thin adapters over the headless library ``l2vsd_core``: they convert ComfyUI
 inputs and outputs and report progress, while all the math lives in the library. This
 package is the only place that imports ``comfy`` or ``folder_paths``, and it does so inside
-the node modules, so the pack can still be imported where ComfyUI is absent.
+the node methods, so the pack can still be imported where ComfyUI is absent (and without
+importing torch: ComfyUI lists every pack's nodes at start-up).
 """
+import sys
+from pathlib import Path
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+# A pack cloned into custom_nodes/ is not pip-installed: make its bundled library importable. Appended, so an
+# installed l2vsd_core (e.g. a development install) keeps precedence.
+_PACK_ROOT = str(Path(__file__).resolve().parents[1])
+if _PACK_ROOT not in sys.path:
+    sys.path.append(_PACK_ROOT)
+
+from .export_node import ExportMesh  # noqa: E402
+from .model_nodes import AttachLoRAScore, LoadPrior  # noqa: E402
+from .optimize_node import L2VSDOptimize  # noqa: E402
+from .scene_nodes import InitNeRF  # noqa: E402
+
+NODE_CLASS_MAPPINGS = {
+    "LoadPrior": LoadPrior,
+    "AttachLoRAScore": AttachLoRAScore,
+    "InitNeRF": InitNeRF,
+    "L2VSDOptimize": L2VSDOptimize,
+    "ExportMesh": ExportMesh,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoadPrior": "L2VSD Load Prior",
+    "AttachLoRAScore": "L2VSD Attach LoRA Score",
+    "InitNeRF": "L2VSD Init NeRF",
+    "L2VSDOptimize": "L2VSD Optimize",
+    "ExportMesh": "L2VSD Export Mesh",
+}

@@ -1,0 +1,133 @@
+"""ExportMesh: iso-surface → decimation → UV atlas and baked texture → GLB/OBJ/PLY in ComfyUI's output folder, plus a
+turntable. The returned path is relative to the output folder: what ComfyUI's core Preview3D node takes."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .common import CATEGORY_EXPORT, SCENE_TYPE, input_error, output_directory, relative_subpath
+from .scene_nodes import Scene
+
+FORMATS = ("glb", "obj", "ply")
+TURNTABLE_ELEVATION, TURNTABLE_DISTANCE, TURNTABLE_FOVY = 15.0, 1.5, 70.0  # the optimizer's preview camera
+
+
+def parse_threshold(text: str):
+    """'auto' or a finite density level."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise input_error("threshold", f"{text!r} is neither 'auto' nor a number",
+                          "write 'auto' (mean of the non-empty densities) or a density such as 10")
+    return value
+
+
+class ExportMesh:
+    """Turn an optimized scene into a textured mesh file and a turntable."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "scene": (SCENE_TYPE, {"tooltip": "The optimized scene from L2VSD Optimize."}),
+            "mesh_resolution": ("INT", {"default": 128, "min": 8, "max": 1024,
+                                        "tooltip": "Marching-cubes grid size (toy demo: 64)."}),
+            "threshold": ("STRING", {"default": "auto",
+                                     "tooltip": "Density level of the surface: 'auto' (mean of the non-empty "
+                                                "densities, threestudio's rule) or a number."}),
+            "max_faces": ("INT", {"default": 200000, "min": 4, "max": 10000000,
+                                  "tooltip": "Decimate the surface to at most this many faces before UV "
+                                             "unwrapping."}),
+            "texture_size": ("INT", {"default": 1024, "min": 8, "max": 8192,
+                                     "tooltip": "Width = height of the baked texture in pixels."}),
+            "format": (list(FORMATS), {"default": "glb",
+                                       "tooltip": "glb (one file, textured; Preview3D shows it), obj (+ .mtl and "
+                                                  ".png) or ply (vertex colours)."}),
+            "filename_prefix": ("STRING", {"default": "3d/l2vsd",
+                                           "tooltip": "File name under ComfyUI's output folder; a counter is "
+                                                      "appended. Subfolders allowed, '..' and absolute paths not."}),
+            "turntable_views": ("INT", {"default": 24, "min": 1, "max": 360,
+                                        "tooltip": "Frames of the turntable (IMAGE output and GIF next to the "
+                                                   "mesh)."}),
+            "turntable_resolution": ("INT", {"default": 128, "min": 8, "max": 1024,
+                                             "tooltip": "Width = height of the turntable frames."}),
+        }}
+
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("model_file", "turntable")
+    OUTPUT_NODE = True  # writes files: worth running even when nothing is connected to its outputs
+    FUNCTION = "export"
+    CATEGORY = CATEGORY_EXPORT
+    DESCRIPTION = ("Extracts a textured mesh from the scene and saves it under the output folder; wire model_file "
+                   "into Preview3D (newer ComfyUI) to view it.")
+
+    def export(self, scene, mesh_resolution, threshold, max_faces, texture_size, format, filename_prefix,
+               turntable_views, turntable_resolution):
+        if not isinstance(scene, Scene):
+            raise input_error("scene", f"got {type(scene).__name__}", "connect the output of an L2VSD Optimize node")
+        if format not in FORMATS:
+            raise input_error("format", f"{format!r} is not an option", f"pick one of {', '.join(FORMATS)}")
+        level = parse_threshold(threshold)
+        prefix = relative_subpath("filename_prefix", filename_prefix, "prefix")
+        mesh_path, turntable_path = _counter_paths(prefix, format)
+
+        import torch
+        from l2vsd_core.export import bake_texture, decimate, extract_mesh, save_mesh, turntable_gif
+
+        field, background, renderer = scene.field, scene.background, scene.make_renderer()
+        was_training = [m.training for m in (field, background, renderer)]
+        for module in (field, background, renderer):
+            module.eval()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                try:
+                    mesh = extract_mesh(field, resolution=int(mesh_resolution), threshold=level)
+                except ValueError as e:
+                    if "no surface" not in str(e):
+                        raise
+                    raise input_error("threshold", str(e), "use 'auto' or a lower density, or optimize longer") \
+                        from e
+                if len(mesh.faces) > max_faces:
+                    mesh = decimate(mesh, int(max_faces))
+                mesh = bake_texture(mesh, field, texture_size=int(texture_size))
+                save_mesh(mesh, mesh_path, format=format, field=field)
+                turntable_gif(renderer, field, background, turntable_path, n_views=int(turntable_views),
+                              resolution=int(turntable_resolution), elevation_deg=TURNTABLE_ELEVATION,
+                              distance=TURNTABLE_DISTANCE, fovy_deg=TURNTABLE_FOVY)
+        finally:
+            for module, training in zip((field, background, renderer), was_training):
+                module.train(training)
+
+        relative = mesh_path.relative_to(output_directory()).as_posix()
+        print(f"[L2VSD] mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces → {mesh_path}")
+        ui = {"l2vsd_mesh": [{"filename": mesh_path.name, "subfolder": str(Path(relative).parent.as_posix()),
+                              "type": "output", "vertices": len(mesh.vertices), "faces": len(mesh.faces)}]}
+        return {"ui": ui, "result": (relative, _gif_frames(turntable_path))}
+
+
+def _counter_paths(prefix: str, format: str):
+    """Counter-numbered mesh and turntable paths under the output folder, like ComfyUI's image savers name files."""
+    import folder_paths
+
+    out_dir = str(output_directory())
+    try:
+        folder, name, counter, _subfolder, _prefix = folder_paths.get_save_image_path(prefix, out_dir)
+    except Exception as e:  # the host's own check against leaving the output folder
+        raise input_error("filename_prefix", str(e), "use a relative prefix such as '3d/l2vsd'") from e
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{counter:05}_"
+    return folder / f"{stem}.{format}", folder / f"{stem}.gif"
+
+
+def _gif_frames(path: Path):
+    """The turntable GIF's frames as one IMAGE batch (Pillow merges identical consecutive frames)."""
+    from PIL import Image, ImageSequence
+    from .common import to_image_batch
+
+    with Image.open(path) as gif:
+        return to_image_batch([frame.convert("RGB") for frame in ImageSequence.Iterator(gif)])

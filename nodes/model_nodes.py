@@ -1,0 +1,184 @@
+"""LoadPrior and AttachLoRAScore: the frozen diffusion prior and the settings of the score that distils it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .common import CATEGORY_MODEL, PRIOR_TYPE, SCORE_TYPE, check_choice, input_error
+
+BUNDLED_SOURCE = "bundled toy prior (32x32 world)"
+DIFFUSERS_PREFIX = "diffusers/"
+CHECKPOINT_PREFIX = "checkpoints/"
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+# l2vsd_core.distill.METHODS, spelled out so that listing the node needs no torch import.
+METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "hlvsd")
+# "auto" + l2vsd_core.jvp.JVP_MODES (same reason; tests/test_comfy_server.py checks the two agree).
+JVP_MODES = ("auto", "forward_ad", "func", "double_backward", "fd_forward", "fd_central")
+
+
+@dataclass
+class LoadedPrior:
+    """What an L2VSD_PRIOR socket carries: the frozen prior and how to load it again (for a separate LoRA base)."""
+    prior: object  # l2vsd_core.prior.DiffusionPrior
+    source: str    # the file or folder it came from
+    device: str
+    dtype: str
+
+    def load_again(self):
+        return load_prior_for_training(self.source, self.device, self.dtype)
+
+
+def load_prior_for_training(path, device: str, dtype: str):
+    """``load_prior`` outside inference mode: ComfyUI runs nodes under ``torch.inference_mode()``, and weights made
+    there are inference tensors, which autograd refuses to save for the backward pass through the UNet."""
+    import torch
+    from l2vsd_core.prior import load_prior
+    with torch.inference_mode(False):
+        return load_prior(path, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What an L2VSD_SCORE socket carries. The LoRA itself is built by L2VSDOptimize for each run: ComfyUI caches
+    node outputs, so a LoRA made here would be trained further (mutated) by every run that reuses the cache."""
+    method: str
+    rank: int
+    lora_lr: float
+    separate_base: bool
+    camera_dropout: float
+    eta: float
+    jvp_mode: str
+    esd_lambda: float
+    guidance_scale: float
+    base: Optional[LoadedPrior] = field(default=None, compare=False)  # the prior the LoRA goes on
+
+
+def _bundled_prior_path() -> Path:
+    from l2vsd_core.toys.world.demo import BUNDLED_PRIOR
+    return Path(BUNDLED_PRIOR)
+
+
+def _prior_sources() -> list:
+    """The bundled prior first, then ComfyUI's diffusers folders and single-file checkpoints."""
+    sources = [BUNDLED_SOURCE]
+    try:
+        import folder_paths
+    except ImportError:  # listed outside ComfyUI (e.g. by a packaging check): only the bundled prior
+        return sources
+    for root in folder_paths.get_folder_paths("diffusers"):
+        root = Path(root)
+        if root.is_dir():
+            sources += sorted(DIFFUSERS_PREFIX + p.parent.name for p in root.glob("*/model_index.json"))
+    sources += [CHECKPOINT_PREFIX + name for name in folder_paths.get_filename_list("checkpoints")]
+    return sources
+
+
+def _resolve_source(source: str) -> Path:
+    if source == BUNDLED_SOURCE:
+        path = _bundled_prior_path()
+        if not (path / "model_index.json").is_file():
+            raise input_error("source", f"the bundled prior is missing at {path}",
+                              "train and export it with `python -m l2vsd_core.toys.world train`, or pick another "
+                              "source")
+        return path
+    import folder_paths
+    if source.startswith(CHECKPOINT_PREFIX):
+        full = folder_paths.get_full_path("checkpoints", source[len(CHECKPOINT_PREFIX):])
+        if full:
+            return Path(full)
+    elif source.startswith(DIFFUSERS_PREFIX):
+        name = source[len(DIFFUSERS_PREFIX):]
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if (Path(root) / name / "model_index.json").is_file():
+                return Path(root) / name
+    raise input_error("source", f"{source!r} was not found",
+                      "put the model in ComfyUI's models/diffusers (a folder) or models/checkpoints (a file), "
+                      "restart ComfyUI and pick it from the list")
+
+
+class LoadPrior:
+    """Load a frozen text-to-image diffusion model to distil from."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "source": (_prior_sources(), {"tooltip": "The diffusion prior: the bundled toy prior (CPU demo, 32x32 "
+                                                     "pixels, 'a COLOR SHAPE' prompts), a diffusers folder from "
+                                                     "models/diffusers or an SD 1.x/2.x file from models/checkpoints."}),
+            "dtype": (list(DTYPES), {"default": "auto",
+                                     "tooltip": "Weights precision; auto = fp16 on CUDA, fp32 on the CPU."}),
+            "device": (list(DEVICES), {"default": "auto",
+                                       "tooltip": "Where the prior runs; auto = CUDA when available, else the CPU."}),
+        }}
+
+    RETURN_TYPES = (PRIOR_TYPE,)
+    RETURN_NAMES = ("prior",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY_MODEL
+    DESCRIPTION = "Loads the frozen diffusion prior that the 3D scene is distilled from."
+
+    def load(self, source, dtype, device):
+        check_choice("dtype", dtype, DTYPES)
+        check_choice("device", device, DEVICES)
+        path = _resolve_source(source)
+        if device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise input_error("device", "cuda was asked for but torch sees no CUDA device",
+                                  "pick 'auto' or 'cpu'")
+        prior = load_prior_for_training(path, device, dtype)
+        return (LoadedPrior(prior=prior, source=str(path), device=device, dtype=dtype),)
+
+
+class AttachLoRAScore:
+    """Choose the score-distillation estimator and the LoRA score ε_φ it trains alongside the scene."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prior": (PRIOR_TYPE, {"tooltip": "The prior from LoadPrior; the LoRA goes on its UNet."}),
+            "method": (list(METHODS), {"default": "l2vsd",
+                                       "tooltip": "Estimator: sds (no LoRA), vsd (ProlificDreamer), lvsd, l2vsd "
+                                                  "(linearized lookahead, this pack's default), l2vsd_last (lookahead "
+                                                  "on the last layer only), hlvsd."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256,
+                             "tooltip": "LoRA rank of the trainable score (ProlificDreamer: 4)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                        "tooltip": "AdamW learning rate of the LoRA (1e-4 for long SD runs, 1e-3 "
+                                                   "for the toy prior's few hundred steps)."}),
+            "base": (["shared", "separate"], {"default": "shared",
+                                              "tooltip": "shared: the LoRA sits on the prior's own UNet (no extra "
+                                                         "memory); separate: on a second copy of it."}),
+            "camera_dropout": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "Probability of dropping the camera condition of the LoRA."}),
+            "eta": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001,
+                              "tooltip": "η: lookahead step of l2vsd / l2vsd_last."}),
+            "jvp_mode": (list(JVP_MODES), {"default": "auto",
+                                           "tooltip": "How l2vsd computes its Jacobian-vector product; auto = the "
+                                                      "fastest exact mode on the device, fd_* = finite differences."}),
+            "esd_lambda": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                     "tooltip": "ESD λ: weight of the camera-unconditioned score (0 = off)."}),
+            "guidance_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.5,
+                                         "tooltip": "Classifier-free guidance scale of the prior (ProlificDreamer: "
+                                                    "7.5)."}),
+        }}
+
+    RETURN_TYPES = (SCORE_TYPE,)
+    RETURN_NAMES = ("score",)
+    FUNCTION = "attach"
+    CATEGORY = CATEGORY_MODEL
+    DESCRIPTION = "Settings of the score estimator; the LoRA is created fresh by each L2VSD Optimize run."
+
+    def attach(self, prior, method, rank, learning_rate, base, camera_dropout, eta, jvp_mode, esd_lambda,
+               guidance_scale):
+        check_choice("method", method, METHODS)
+        check_choice("jvp_mode", jvp_mode, JVP_MODES)
+        check_choice("base", base, ("shared", "separate"))
+        if not isinstance(prior, LoadedPrior):
+            raise input_error("prior", f"got {type(prior).__name__}", "connect the output of a LoadPrior node")
+        return (ScoreSettings(method=method, rank=int(rank), lora_lr=float(learning_rate),
+                              separate_base=(base == "separate"), camera_dropout=float(camera_dropout),
+                              eta=float(eta), jvp_mode=jvp_mode, esd_lambda=float(esd_lambda),
+                              guidance_scale=float(guidance_scale), base=prior),)

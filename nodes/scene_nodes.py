@@ -1,0 +1,122 @@
+"""InitNeRF: a fresh stage-1 scene (hash-grid NeRF field + environment background) and the scene socket type."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from .common import CATEGORY_SCENE, SCENE_TYPE, check_choice, input_error
+
+BACKENDS = ("auto", "torch", "tcnn")
+
+
+@dataclass(frozen=True)
+class SceneSettings:
+    """Everything InitNeRF was given; L2VSDOptimize turns the render settings into its Stage1Config."""
+    levels: int
+    log2_hashmap_size: int
+    base_resolution: int
+    max_resolution: float
+    mlp_neurons: int
+    samples_per_ray: int
+    grid_resolution: int
+    radius: float
+    seed: int
+    backend: str
+
+
+@dataclass
+class Scene:
+    """What an L2VSD_SCENE socket carries. ComfyUI caches node outputs and may hand the same Scene to several
+    nodes, so nodes never change one in place: L2VSDOptimize trains a copy (:meth:`copy`) and returns that."""
+    settings: SceneSettings
+    field: object                     # l2vsd_core.scene.field.ImplicitVolume
+    background: object                # l2vsd_core.scene.field.EnvironmentBackground
+    renderer: Optional[object] = None  # VolumeRenderer with its occupancy grid, once optimized
+    steps_done: int = 0
+    prompt: str = ""
+    history: list = field(default_factory=list)  # loss terms per step, for the curves
+
+    def copy(self) -> "Scene":
+        return replace(self, field=copy.deepcopy(self.field), background=copy.deepcopy(self.background),
+                       renderer=copy.deepcopy(self.renderer), history=list(self.history))
+
+    def make_renderer(self):
+        """The scene's renderer, or (never optimized) a plain one without an occupancy grid."""
+        if self.renderer is not None:
+            return self.renderer
+        from l2vsd_core.scene.renderer import VolumeRenderer
+        return VolumeRenderer(radius=self.settings.radius, num_samples_per_ray=self.settings.samples_per_ray)
+
+
+def build_scene(settings: SceneSettings) -> Scene:
+    import torch
+    from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
+    from l2vsd_core.scene.hashgrid import HashGridConfig
+
+    # The hash grid takes the growth factor between levels; users think in the finest resolution (tcnn's and
+    # threestudio's convention), so convert, as the CLI does.
+    ratio = max(settings.max_resolution / settings.base_resolution, 1.0)
+    per_level_scale = 1.0 if settings.levels == 1 else math.exp(math.log(ratio) / (settings.levels - 1))
+    grid = HashGridConfig(n_levels=settings.levels, log2_hashmap_size=settings.log2_hashmap_size,
+                          base_resolution=settings.base_resolution, per_level_scale=per_level_scale)
+    # Stage 1 uses no normals (ProlificDreamer); the background is seeded apart from the field, as in the CLI.
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these weights will be trained
+        field_ = ImplicitVolume(FieldConfig(radius=settings.radius, hashgrid=grid, backend=settings.backend,
+                                            mlp_neurons=settings.mlp_neurons, normal_type=None), seed=settings.seed)
+        background = EnvironmentBackground(BackgroundConfig(), seed=settings.seed + 1)
+    return Scene(settings=settings, field=field_, background=background)
+
+
+class InitNeRF:
+    """A new, untrained NeRF scene for L2VSDOptimize."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "levels": ("INT", {"default": 16, "min": 1, "max": 32,
+                               "tooltip": "Hash-grid levels (ProlificDreamer: 16; the toy demo: 8)."}),
+            "log2_hashmap_size": ("INT", {"default": 19, "min": 10, "max": 24,
+                                          "tooltip": "log2 of the entries per hash-grid level (ProlificDreamer: 19; "
+                                                     "toy: 15). Memory grows as 2^this."}),
+            "base_resolution": ("INT", {"default": 16, "min": 2, "max": 1024,
+                                        "tooltip": "Coarsest hash-grid resolution."}),
+            "max_resolution": ("INT", {"default": 4096, "min": 2, "max": 65536,
+                                       "tooltip": "Finest hash-grid resolution (ProlificDreamer: 4096; toy: 256)."}),
+            "mlp_neurons": ("INT", {"default": 64, "min": 8, "max": 256, "step": 8,
+                                    "tooltip": "Width of the density/colour MLP (toy: 32)."}),
+            "samples_per_ray": ("INT", {"default": 512, "min": 8, "max": 2048,
+                                        "tooltip": "Samples along each ray when rendering (toy: 64)."}),
+            "grid_resolution": ("INT", {"default": 32, "min": 8, "max": 256,
+                                        "tooltip": "Occupancy-grid resolution used to skip empty space."}),
+            "radius": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.05,
+                                 "tooltip": "Half size of the scene box."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
+                             "tooltip": "Seed of the field's initial weights."}),
+            "backend": (list(BACKENDS), {"default": "auto",
+                                         "tooltip": "Hash-grid implementation: tcnn (tiny-cuda-nn, CUDA only), "
+                                                    "torch (anywhere), auto = tcnn when installed."}),
+        }}
+
+    RETURN_TYPES = (SCENE_TYPE,)
+    RETURN_NAMES = ("scene",)
+    FUNCTION = "init"
+    CATEGORY = CATEGORY_SCENE
+    DESCRIPTION = "Creates an untrained stage-1 NeRF scene (hash-grid field and environment background)."
+
+    def init(self, levels, log2_hashmap_size, base_resolution, max_resolution, mlp_neurons, samples_per_ray,
+             grid_resolution, radius, seed, backend):
+        check_choice("backend", backend, BACKENDS)
+        if max_resolution < base_resolution:
+            raise input_error("max_resolution", f"{max_resolution} is below base_resolution {base_resolution}",
+                              "make max_resolution >= base_resolution")
+        settings = SceneSettings(levels=int(levels), log2_hashmap_size=int(log2_hashmap_size),
+                                 base_resolution=int(base_resolution), max_resolution=float(max_resolution),
+                                 mlp_neurons=int(mlp_neurons), samples_per_ray=int(samples_per_ray),
+                                 grid_resolution=int(grid_resolution), radius=float(radius), seed=int(seed),
+                                 backend=backend)
+        try:
+            return (build_scene(settings),)
+        except ImportError as e:  # tcnn asked for but not installed
+            raise input_error("backend", str(e), "pick 'torch' or 'auto'") from e

@@ -1,0 +1,180 @@
+"""Integration: the bundled toy workflow through a real ComfyUI server (the 2024 host of ``tests/comfy_host.py``).
+
+Nothing of ``comfy`` is stubbed: the server loads the pack from ``custom_nodes/``, validates the API-format graph,
+runs it on the CPU and reports over HTTP and its websocket, as it does for a user.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from comfy_host import comfy_host  # noqa: F401  (the session fixture)
+
+aiohttp = pytest.importorskip("aiohttp")
+
+ROOT = Path(__file__).resolve().parents[1]
+API_WORKFLOW = ROOT / "workflows" / "toy_demo.api.json"
+UI_WORKFLOW = ROOT / "workflows" / "toy_demo.json"
+NODES = {"LoadPrior": "L2VSD_PRIOR", "AttachLoRAScore": "L2VSD_SCORE", "InitNeRF": "L2VSD_SCENE",
+         "L2VSDOptimize": "L2VSD_SCENE", "ExportMesh": "STRING"}
+OPTIMIZE, EXPORT = "4", "5"  # node ids in the bundled workflow
+RUN_TIMEOUT_S = 120
+
+
+def tiny_graph(steps: int = 4, **optimize_inputs) -> dict:
+    """The bundled API workflow with CPU-test sizes: a few steps, a small mesh, texture and turntable."""
+    graph = json.loads(API_WORKFLOW.read_text())
+    optimize_inputs = {"steps": steps, "preview_every": 2, "checkpoint_folder": "l2vsd/test", **optimize_inputs}
+    graph[OPTIMIZE]["inputs"].update(optimize_inputs)
+    graph[EXPORT]["inputs"].update(mesh_resolution=32, texture_size=64, turntable_views=4, turntable_resolution=32,
+                                   filename_prefix="3d/test")
+    return graph
+
+
+async def _run(host, graph: dict, interrupt_at_step: int | None = None) -> dict:
+    """POST the graph and follow the websocket until it ends; returns the prompt id, its events (type, data) and
+    the number of binary preview frames. With ``interrupt_at_step``, POST /interrupt once the optimizer reports
+    that many steps."""
+    events, previews, interrupted = [], 0, False
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(host.ws_url) as ws:
+            async with session.post(host.url + "/prompt", json={"prompt": graph, "client_id": host.client_id}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+            prompt_id = body["prompt_id"]
+            while True:
+                message = await ws.receive(timeout=RUN_TIMEOUT_S)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    previews += 1
+                    continue
+                assert message.type == aiohttp.WSMsgType.TEXT, message
+                event = json.loads(message.data)
+                kind, data = event["type"], event.get("data", {})
+                if data.get("prompt_id", prompt_id) != prompt_id:
+                    continue
+                events.append((kind, data))
+                if (kind == "progress" and interrupt_at_step is not None and not interrupted
+                        and data.get("node") == OPTIMIZE and data["value"] >= interrupt_at_step):
+                    interrupted = True
+                    async with session.post(host.url + "/interrupt") as r:
+                        assert r.status == 200
+                if kind in ("execution_error", "execution_interrupted", "execution_success"):
+                    break
+                # the 2024 host has no execution_success: "executing" with no node marks the end
+                if kind == "executing" and data.get("node") is None:
+                    break
+    return {"prompt_id": prompt_id, "events": events, "previews": previews}
+
+
+def run(host, graph, **kwargs) -> dict:
+    return asyncio.run(_run(host, graph, **kwargs))
+
+
+def _kinds(result) -> list:
+    return [kind for kind, _ in result["events"]]
+
+
+def _progress(result, node=OPTIMIZE) -> list:
+    return [(d["value"], d["max"]) for kind, d in result["events"] if kind == "progress" and d.get("node") == node]
+
+
+def test_object_info_lists_the_nodes_with_tooltips(comfy_host):
+    info = comfy_host.get("/object_info")
+    for name, first_output in NODES.items():
+        assert name in info, f"{name} not registered; host log:\n{comfy_host.log()[-3000:]}"
+        node = info[name]
+        assert node["category"].startswith("L2VSD/")
+        assert node["output"][0] == first_output
+        assert node["display_name"].startswith("L2VSD ")
+        for input_name, spec in node["input"]["required"].items():
+            assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    assert info["L2VSDOptimize"]["output"] == ["L2VSD_SCENE", "IMAGE", "IMAGE"]
+    assert info["ExportMesh"]["output"] == ["STRING", "IMAGE"]
+    optimize_inputs = info["L2VSDOptimize"]["input"]["required"]
+    assert optimize_inputs["resume"][0] == "BOOLEAN" and optimize_inputs["steps"][1]["min"] == 1
+    assert info["ExportMesh"]["input"]["required"]["filename_prefix"][1]["default"] == "3d/l2vsd"
+    assert "bundled toy prior (32x32 world)" in info["LoadPrior"]["input"]["required"]["source"][0]
+    # the choices listed without importing torch match the library's
+    from l2vsd_core.distill import METHODS
+    from l2vsd_core.jvp import JVP_MODES
+    score_inputs = info["AttachLoRAScore"]["input"]["required"]
+    assert score_inputs["method"][0] == list(METHODS)
+    assert score_inputs["jvp_mode"][0] == ["auto", *JVP_MODES]
+
+
+def test_bundled_workflows_use_the_pack_nodes():
+    api = json.loads(API_WORKFLOW.read_text())
+    ui = json.loads(UI_WORKFLOW.read_text())
+    api_types = sorted(node["class_type"] for node in api.values())
+    ui_types = sorted(node["type"] for node in ui["nodes"])
+    assert api_types == ui_types
+    assert set(NODES) <= set(api_types)
+    assert "Preview3D" not in api_types  # absent from the 2024 host; see the workflow's note
+
+
+def test_toy_workflow_runs_and_writes_a_textured_glb(comfy_host):
+    import trimesh
+
+    result = run(comfy_host, tiny_graph(steps=4))
+    kinds = _kinds(result)
+    assert "execution_error" not in kinds, result["events"][-1]
+    assert _progress(result)[-1] == (4, 4)
+    assert result["previews"] >= 1  # the orbit preview every 2 steps
+    history = comfy_host.get(f"/history/{result['prompt_id']}")[result["prompt_id"]]
+    assert history["status"]["status_str"] == "success"
+    outputs = history["outputs"]
+    assert outputs[OPTIMIZE]["l2vsd_run"][0]["step"] == 4
+    mesh_info = outputs[EXPORT]["l2vsd_mesh"][0]
+    glb = comfy_host.output_dir / mesh_info["subfolder"] / mesh_info["filename"]
+    assert glb.is_file() and glb.suffix == ".glb" and glb.with_suffix(".gif").is_file()
+    mesh = trimesh.load(glb, force="mesh")
+    assert len(mesh.faces) > 0
+    assert mesh.visual.uv is not None and len(mesh.visual.uv) == len(mesh.vertices)
+    for node_id, count in (("6", 8), ("7", 1)):  # orbit renders, loss curves (PreviewImage writes temp files)
+        assert len(outputs[node_id]["images"]) == count
+    checkpoint = comfy_host.output_dir / "l2vsd/test/checkpoint.safetensors.json"
+    assert json.loads(checkpoint.read_text())["step"] == 4
+
+
+def test_input_below_its_minimum_is_rejected_with_node_errors(comfy_host):
+    status, body = comfy_host.post("/prompt", {"prompt": tiny_graph(steps=0), "client_id": comfy_host.client_id})
+    assert status == 400
+    assert OPTIMIZE in body["node_errors"]
+    assert "steps" in json.dumps(body["node_errors"][OPTIMIZE])
+
+
+def test_node_error_names_the_input_and_the_server_keeps_serving(comfy_host):
+    graph = tiny_graph(steps=4)
+    graph[EXPORT]["inputs"]["filename_prefix"] = "../x"
+    result = run(comfy_host, graph)
+    errors = [data for kind, data in result["events"] if kind == "execution_error"]
+    assert errors, _kinds(result)
+    assert errors[0]["node_id"] == EXPORT and errors[0]["exception_type"].endswith("ValueError")
+    assert "filename_prefix" in errors[0]["exception_message"] and ".." in errors[0]["exception_message"]
+    assert not (comfy_host.output_dir.parent / "x_00001_.glb").exists()
+    assert "ExportMesh" in comfy_host.get("/object_info")
+
+
+def test_interrupt_writes_a_checkpoint_and_resume_continues_from_it(comfy_host):
+    folder = "l2vsd/interrupt"
+    # many steps so that the interrupt lands mid-run; checkpoint_every 0: only the interrupt writes one
+    result = run(comfy_host, tiny_graph(steps=200, checkpoint_folder=folder, checkpoint_every=0),
+                 interrupt_at_step=3)
+    assert "execution_interrupted" in _kinds(result), _kinds(result)
+    sidecar = comfy_host.output_dir / folder / "checkpoint.safetensors.json"
+    stopped_at = json.loads(sidecar.read_text())["step"]
+    assert 3 <= stopped_at < 200
+
+    resumed = run(comfy_host, tiny_graph(steps=stopped_at + 2, checkpoint_folder=folder, checkpoint_every=0,
+                                         resume=True))
+    assert "execution_error" not in _kinds(resumed), resumed["events"][-1]
+    progress = _progress(resumed)
+    assert progress[0][0] == stopped_at  # the bar starts where the checkpoint left off
+    assert progress[-1] == (stopped_at + 2, stopped_at + 2)
+    outputs = comfy_host.get(f"/history/{resumed['prompt_id']}")[resumed["prompt_id"]]["outputs"]
+    assert outputs[OPTIMIZE]["l2vsd_run"][0]["start_step"] == stopped_at
+    assert json.loads(sidecar.read_text())["step"] == stopped_at + 2
