@@ -198,6 +198,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="finest hash-grid resolution (sets the per-level scale; ProlificDreamer: 4096)")
     g.add_argument("--mlp-neurons", type=int, default=64)
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "tcnn"], help="hash-grid backend")
+    g.add_argument("--background-aug-prob", type=float, default=0.5,
+                   help="probability of a random solid background colour per training render (ProlificDreamer: "
+                        "0.5; 0 for a prior that only knows one background)")
     g.add_argument("--normal-type", default="none", choices=["none", "finite_difference", "analytic"],
                    help="field normals (stage 1: none; --lambda-orient needs them)")
     g = parser.add_argument_group("export")
@@ -240,6 +243,9 @@ def _check_options(o: dict) -> Path:
             and o.get("normal_type", "none") == "none":
         raise GenerateError("--lambda-orient > 0 needs normals from the field: add --normal-type finite_difference "
                             "(or analytic)")
+    aug = o.get("background_aug_prob", 0.5)
+    if not isinstance(aug, (int, float)) or not 0.0 <= aug <= 1.0:
+        raise GenerateError(f"--background-aug-prob must be a number in [0, 1]; got {aug!r}")
     if o.get("threads") is not None and o["threads"] < 1:
         raise GenerateError(f"--threads must be >= 1; got {o['threads']!r}")
     out = Path(o["out"]).expanduser()
@@ -283,7 +289,8 @@ def _scene(o: dict, device):
                                        normal_type=None if o.get("normal_type", "none") == "none"
                                        else o["normal_type"]),
                           seed=o["seed"])
-    background = EnvironmentBackground(BackgroundConfig(), seed=o["seed"] + 1)
+    aug = float(o.get("background_aug_prob", BackgroundConfig.random_aug_prob))
+    background = EnvironmentBackground(BackgroundConfig(random_aug=aug > 0, random_aug_prob=aug), seed=o["seed"] + 1)
     return field.to(device), background.to(device)
 
 

@@ -63,6 +63,39 @@ def _judge_train(args) -> int:
     return 0
 
 
+def _loss_curve(args) -> int:
+    """The training log's loss over steps (raw and a moving average) as a PNG, for the README."""
+    import re
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ...files import atomic_write
+
+    steps, losses = [], []
+    for line in Path(args.log).read_text().splitlines():
+        m = re.match(r"step (\d+) loss ([0-9.eE+-]+)", line)
+        if m:
+            steps.append(int(m.group(1)))
+            losses.append(float(m.group(2)))
+    if not steps:
+        raise SystemExit(f"{args.log}: no 'step N loss L' lines")
+    window = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss (every logged step)")
+    ax.plot(steps, smooth, lw=1.5, label=f"moving average ({window} logs)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ε-MSE")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(args.png), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    print(args.png)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m l2vsd_core.toys.world", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -105,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default="", help="folder for the judge weights (default: the package's judge/)")
     p.set_defaults(run=_judge_train)
+
+    p = sub.add_parser("loss-curve", help="plot the training log's loss", formatter_class=fmt)
+    p.add_argument("--log", default=str(DEFAULT_TRAIN_DIR / "train.log"))
+    p.add_argument("--png", default="docs/world/prior_loss.png")
+    p.set_defaults(run=_loss_curve)
     return parser
 
 
