@@ -49,10 +49,14 @@ METHOD_PRESETS = {
 def toy_options(prompt: str, method: str, out, seed: int = 0, steps: Optional[int] = None, **overrides) -> dict:
     if method not in METHOD_PRESETS:
         raise ValueError(f"method must be one of {', '.join(METHOD_PRESETS)}; got {method!r}")
-    options = dict(TOY_OPTIONS, prompt=prompt, prior=str(BUNDLED_PRIOR), out=str(out), seed=int(seed),
-                   **METHOD_PRESETS[method])
+    options = dict(TOY_OPTIONS, prompt=prompt, prior=str(BUNDLED_PRIOR), out=str(out), seed=int(seed))
     if steps is not None:
         options["steps"] = int(steps)
+    # ProlificDreamer's timestep range, scaled to the run: t ≤ 0.98 for the first fifth (its 5000 of 25 000 steps),
+    # then t ≤ 0.5
+    anneal = max(1, options["steps"] // 5)
+    options["max_step_percent"] = [anneal, 0.98, 0.5, anneal + 1]
+    options.update(METHOD_PRESETS[method])
     options.update(overrides)
     return options
 
