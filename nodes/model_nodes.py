@@ -128,8 +128,23 @@ class LoadPrior:
             if not torch.cuda.is_available():
                 raise input_error("device", "cuda was asked for but torch sees no CUDA device",
                                   "pick 'auto' or 'cpu'")
+        _make_room_on_the_gpu(device)
         prior = load_prior_for_training(path, device, dtype)
         return (LoadedPrior(prior=prior, source=str(path), device=device, dtype=dtype),)
+
+
+def _make_room_on_the_gpu(device: str) -> None:
+    """Before a prior goes to the GPU, ask ComfyUI to unload the models it keeps there (a checkpoint a KSampler used,
+    say) and return cached blocks: our prior is not one of ComfyUI's managed models, so it cannot evict it for us."""
+    import torch
+    if device == "cpu" or not torch.cuda.is_available():
+        return
+    try:
+        import comfy.model_management as model_management
+    except ImportError:  # outside ComfyUI
+        return
+    model_management.unload_all_models()
+    model_management.soft_empty_cache()
 
 
 class AttachLoRAScore:

@@ -157,6 +157,9 @@ class _Run:
         # The shared base is the cached prior's own UNet: take our adapter off so the next run starts clean.
         if self.lora_unet is not None and ADAPTER_NAME in (getattr(self.lora_unet, "peft_config", None) or {}):
             self.lora_unet.delete_adapters(ADAPTER_NAME)
+        # The LoRA, its optimizer state and the activations are gone: give the blocks back to other nodes.
+        import comfy.model_management as model_management
+        model_management.soft_empty_cache()
 
     def execute(self, prompt: str, negative_prompt: str, resume: bool):
         import comfy.model_management as model_management
