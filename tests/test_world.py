@@ -1,6 +1,7 @@
 """The procedural world (l2vsd_core.toys.world): renders, captions, and the prior trainer's export and resume."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,35 @@ def test_shipped_judge_names_clean_renders():
                                                                                  COLOR_NAMES.index(c)).sum())
             total += 4
     assert right / total > 0.9
+
+
+def test_training_continues_from_the_export_alone(tmp_path):
+    """A fresh machine has the committed export but not the (large) checkpoint: --init-from takes the export's EMA
+    weights and step, then trains on with the same data stream."""
+    first = train(_tiny_config(tmp_path / "a", 2))
+    exported = tmp_path / "a" / "prior"
+    assert json.loads((exported / "l2vsd_training.json").read_text())["step"] == 2
+    config = _tiny_config(tmp_path / "b", 3)
+    config.export_dir = tmp_path / "b" / "prior"
+    continued = train(config, init_from=exported)
+    assert continued.step == 3
+    log = (tmp_path / "b" / "train" / "train.log").read_text()
+    assert "initialised from the export" in log and "at step 2" in log and "step 3 loss" in log
+    fresh = train(_tiny_config(tmp_path / "c", 0))
+    ema = first.ema_models()[0].state_dict()
+    # started from the export (fp16-rounded EMA weights), not from a fresh init, before its one step
+    restarted = _trainer_from_export(exported)
+    for k, v in restarted.unet.state_dict().items():
+        assert torch.allclose(v, ema[k].half().float(), atol=1e-6), k
+    assert any(not torch.equal(v, fresh.unet.state_dict()[k]) for k, v in restarted.unet.state_dict().items())
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(_tiny_config(tmp_path / "a", 4), resume=True, init_from=exported)
+    with pytest.raises(FileNotFoundError, match="l2vsd_training.json"):
+        train(_tiny_config(tmp_path / "d", 3), init_from=tmp_path / "nowhere")
+
+
+def _trainer_from_export(folder):
+    from l2vsd_core.toys.world.train import Trainer
+    trainer = Trainer(_tiny_config(folder.parent / "probe", 3))
+    trainer.init_from_export(folder)
+    return trainer

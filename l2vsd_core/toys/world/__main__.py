@@ -45,7 +45,7 @@ def _train(args) -> int:
                          checkpoint_every=args.checkpoint_every, export_every=args.export_every,
                          log_every=args.log_every, model=args.model, train_dir=Path(args.out),
                          export_dir=Path(args.export_dir))
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, init_from=Path(args.init_from) if args.init_from else None)
     return 0
 
 
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_TRAIN_DIR), help="checkpoints, log and sample grids")
     p.add_argument("--export-dir", default=str(DEFAULT_EXPORT_DIR), help="the exported diffusers folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--init-from", default=None, help="continue from an exported prior folder (e.g. the bundled one) "
+                                                   "when the checkpoint is not there: its weights and step, fresh "
+                                                   "optimizer moments")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("export", help="export the prior from the latest checkpoint", formatter_class=fmt)

@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +251,33 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.step = int(metadata["step"])
 
+    def init_from_export(self, folder: Path) -> None:
+        """Continue from an exported prior alone (its EMA weights become the weights and the EMA; fresh AdamW
+        moments; the step it records): the full checkpoint, with the optimizer state, is too large to commit, so a
+        fresh machine has only the export."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        folder = Path(folder)
+        state_file = folder / TRAINING_STATE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"--init-from: {folder} has no {TRAINING_STATE} (the step it was exported at); "
+                                    f"export it again with `python -m l2vsd_core.toys.world export`")
+        state = json.loads(state_file.read_text())
+        for key in ("model", "seed", "batch_size"):
+            if state["config"][key] != getattr(self.config, key):
+                raise ValueError(f"{folder} was trained with {key}={state['config'][key]!r}, this run has "
+                                 f"{getattr(self.config, key)!r}; continue with the same {key}")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+        loaded = {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
+                  **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}}
+        with torch.no_grad():
+            for k, p in self.parameters.items():
+                p.copy_(loaded[k])
+                self.ema[k].copy_(loaded[k])
+        self.step = int(state["step"])
+
     def ema_models(self):
         """Copies of (unet, text_encoder) carrying the EMA weights, in eval mode."""
         unet, text_encoder = build_models(self.config.model, self.config.seed)
@@ -261,8 +289,12 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------- export and samples
-def export_prior(unet, text_encoder, export_dir: Path) -> Path:
-    """Write the diffusers folder (no vae: a pixel-space prior) to a temporary sibling, then swap it in."""
+TRAINING_STATE = "l2vsd_training.json"  # in the export: the step and config it came from (for --init-from)
+
+
+def export_prior(unet, text_encoder, export_dir: Path, training: Optional[dict] = None) -> Path:
+    """Write the diffusers folder (no vae: a pixel-space prior) to a temporary sibling, then swap it in.
+    ``training``: the step and config to record next to it, so that training can continue from the export alone."""
     export_dir = Path(export_dir)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", suffix=".tmp", dir=str(export_dir.parent)))
@@ -279,6 +311,8 @@ def export_prior(unet, text_encoder, export_dir: Path) -> Path:
                  "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
                  "feature_extractor": [None, None]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if training is not None:
+            (tmp / TRAINING_STATE).write_text(json.dumps(training, indent=2))
         os.chmod(tmp, 0o755)
         # the old folder is moved aside first, so a reader sees the old or the new prior, never a mix of both
         old = None
@@ -340,7 +374,8 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int, scale: int =
 
 def export_with_samples(trainer: Trainer, samples: bool = True) -> Path:
     unet, text_encoder = trainer.ema_models()
-    path = export_prior(unet, text_encoder, trainer.config.export_dir)
+    path = export_prior(unet, text_encoder, trainer.config.export_dir,
+                        training={"step": trainer.step, "config": trainer.config.to_json()})
     if samples:
         images = sample_images(unet, text_encoder, list(SAMPLE_PROMPTS), seed=trainer.config.seed)
         save_image_grid(images, Path(trainer.config.train_dir) / f"samples_{trainer.step:06d}.png", columns=6)
@@ -367,12 +402,18 @@ def _log(config: TrainConfig, line: str) -> None:
         f.write(line + "\n")
 
 
-def train(config: TrainConfig, resume: bool = False) -> Trainer:
-    """Train to ``config.steps`` total steps (continuing from the checkpoint when ``resume``); returns the trainer."""
+def train(config: TrainConfig, resume: bool = False, init_from: Optional[Path] = None) -> Trainer:
+    """Train to ``config.steps`` total steps (continuing from the checkpoint when ``resume``, or from an exported
+    prior when ``init_from``); returns the trainer."""
     Path(config.train_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
     checkpoint = Path(config.train_dir) / CHECKPOINT_NAME
-    if resume:
+    if init_from is not None:
+        if resume:
+            raise ValueError("--resume and --init-from exclude each other: the checkpoint already has the weights")
+        trainer.init_from_export(Path(init_from))
+        _log(config, f"initialised from the export {init_from} at step {trainer.step} (fresh optimizer moments)")
+    elif resume:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
         trainer.load_checkpoint(checkpoint)
