@@ -57,13 +57,13 @@ class ExportMesh:
                                              "tooltip": "Width = height of the turntable frames."}),
         }}
 
-    RETURN_TYPES = ("STRING", "IMAGE")
-    RETURN_NAMES = ("model_file", "turntable")
+    RETURN_TYPES = ("STRING", "IMAGE", "MESH")
+    RETURN_NAMES = ("model_file", "turntable", "mesh")
     OUTPUT_NODE = True  # writes files: worth running even when nothing is connected to its outputs
     FUNCTION = "export"
     CATEGORY = CATEGORY_EXPORT
     DESCRIPTION = ("Extracts a textured mesh from the scene and saves it under the output folder; wire model_file "
-                   "into Preview3D (newer ComfyUI) to view it.")
+                   "into Preview3D (newer ComfyUI) to view it, or mesh (geometry only) into SaveGLB.")
 
     def export(self, scene, mesh_resolution, threshold, max_faces, texture_size, format, filename_prefix,
                turntable_views, turntable_resolution):
@@ -106,7 +106,21 @@ class ExportMesh:
         print(f"[L2VSD] mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces → {mesh_path}")
         ui = {"l2vsd_mesh": [{"filename": mesh_path.name, "subfolder": str(Path(relative).parent.as_posix()),
                               "type": "output", "vertices": len(mesh.vertices), "faces": len(mesh.faces)}]}
-        return {"ui": ui, "result": (relative, _gif_frames(turntable_path))}
+        return {"ui": ui, "result": (relative, _gif_frames(turntable_path), CoreMesh.of(mesh))}
+
+
+class CoreMesh:
+    """ComfyUI's ``MESH`` socket value (newer hosts' ``SaveGLB`` reads ``.vertices`` [B, N, 3] and ``.faces``
+    [B, M, 3]): the exported geometry, without the texture — the textured file is ``model_file``."""
+
+    def __init__(self, vertices, faces):
+        self.vertices, self.faces = vertices, faces
+
+    @classmethod
+    def of(cls, mesh) -> "CoreMesh":
+        import torch
+        return cls(torch.as_tensor(mesh.vertices, dtype=torch.float32)[None],
+                   torch.as_tensor(mesh.faces, dtype=torch.int64)[None])
 
 
 def _counter_paths(prefix: str, format: str):

@@ -129,7 +129,11 @@ class LoadPrior:
                 raise input_error("device", "cuda was asked for but torch sees no CUDA device",
                                   "pick 'auto' or 'cpu'")
         _make_room_on_the_gpu(device)
-        prior = load_prior_for_training(path, device, dtype)
+        try:
+            prior = load_prior_for_training(path, device, dtype)
+        except (ValueError, FileNotFoundError) as e:
+            raise input_error("source", str(e), "pick a Stable Diffusion 1.x/2.x .safetensors checkpoint or a "
+                                                "diffusers folder (a model_index.json inside)") from e
         return (LoadedPrior(prior=prior, source=str(path), device=device, dtype=dtype),)
 
 

@@ -103,6 +103,11 @@ class ComfyHost:
             return "unknown"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        """The host's models/checkpoints (what LoadPrior lists as ``checkpoints/…``)."""
+        return (self.base_directory or self.root) / "models" / "checkpoints"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

@@ -96,7 +96,7 @@ def test_object_info_lists_the_nodes_with_tooltips(comfy_host):
         for input_name, spec in node["input"]["required"].items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert info["L2VSDOptimize"]["output"] == ["L2VSD_SCENE", "IMAGE", "IMAGE"]
-    assert info["ExportMesh"]["output"] == ["STRING", "IMAGE"]
+    assert info["ExportMesh"]["output"] == ["STRING", "IMAGE", "MESH"]
     optimize_inputs = info["L2VSDOptimize"]["input"]["required"]
     assert optimize_inputs["resume"][0] == "BOOLEAN" and optimize_inputs["steps"][1]["min"] == 1
     assert info["ExportMesh"]["input"]["required"]["filename_prefix"][1]["default"] == "3d/l2vsd"
@@ -227,3 +227,32 @@ def test_every_bundled_workflow_matches_the_installed_nodes(comfy_host, name):
     if api["1"]["inputs"]["source"].startswith("checkpoints/"):
         expected.add(("1", "source"))  # no SD checkpoint in this host's models/checkpoints
     assert errors == expected, body["node_errors"]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_and_the_server_keeps_serving(comfy_host):
+    comfy_host.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    (comfy_host.checkpoints_dir / "not_a_model.safetensors").write_bytes(b"garbage that is not a model")
+    graph = tiny_graph(steps=2)
+    graph["1"]["inputs"]["source"] = "checkpoints/not_a_model.safetensors"
+    result = run(comfy_host, graph)
+    errors = [data for kind, data in result["events"] if kind == "execution_error"]
+    assert errors and errors[0]["node_id"] == "1", _kinds(result)
+    message = errors[0]["exception_message"]
+    assert "source" in message and "not_a_model.safetensors" in message and "pick a Stable Diffusion" in message
+    assert "LoadPrior" in comfy_host.get("/object_info")
+
+
+def test_export_mesh_geometry_feeds_core_saveglb(comfy_host):
+    """Newer hosts' SaveGLB takes a core MESH (.vertices [B, N, 3], .faces [B, M, 3]): ExportMesh's third output."""
+    if "SaveGLB" not in comfy_host.get("/object_info"):
+        pytest.skip(f"the {comfy_host.name} host has no core SaveGLB node")
+    import trimesh
+    graph = tiny_graph(steps=2)
+    graph["9"] = {"class_type": "SaveGLB", "inputs": {"mesh": [EXPORT, 2], "filename_prefix": "mesh/l2vsd"}}
+    result = run(comfy_host, graph)
+    assert "execution_error" not in _kinds(result), result["events"][-1]
+    history = comfy_host.get(f"/history/{result['prompt_id']}")[result["prompt_id"]]
+    saved = history["outputs"]["9"]["3d"][0]
+    mesh = trimesh.load(comfy_host.output_dir / saved["subfolder"] / saved["filename"], force="mesh")
+    exported = history["outputs"][EXPORT]["l2vsd_mesh"][0]
+    assert len(mesh.faces) == exported["faces"] > 0
