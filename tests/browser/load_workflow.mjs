@@ -3,7 +3,9 @@
 // leaves the assertions to the Python test.
 //
 //   node load_workflow.mjs --url http://127.0.0.1:PORT --workflow graph.json --screenshot out.png
-//                          [--chromium /usr/bin/chromium] [--timeout-ms 240000]
+//                          [--chromium /usr/bin/chromium] [--timeout-ms 240000] [--queue no]
+//
+// --queue no: load and screenshot only (a workflow whose model is not installed here).
 //
 // Before the real graph it loads a graph with an unknown node type and checks that the "missing nodes" dialog shows
 // up, so that "no dialog" for the real graph means something.
@@ -108,6 +110,7 @@ async function main() {
     findings.missing = await page.evaluate(missingNodesShown, MISSING_TEXTS);
     findings.loadedTypes = await page.evaluate(() => window.app.graph._nodes.map((n) => n.type));
 
+    if (args.queue !== "no") {
     const before = new Set(Object.keys(await page.evaluate(() => fetch("/history").then((r) => r.json()))));
     await page.evaluate(() => window.app.queuePrompt(0, 1));
     findings.nodeErrors = await page.evaluate(() => window.app.lastNodeErrors ?? null);
@@ -138,6 +141,7 @@ async function main() {
       null, { timeout: 15000 }).catch(() => {});
     findings.previewImages = await page.evaluate(
       () => window.app.graph._nodes.filter((n) => n.type === "PreviewImage").map((n) => n.imgs?.length ?? 0));
+    }  // queue
     await page.evaluate(fitGraph);
     await page.waitForTimeout(500);
     await page.screenshot({ path: args.screenshot });
