@@ -256,3 +256,12 @@ def test_export_mesh_geometry_feeds_core_saveglb(comfy_host):
     mesh = trimesh.load(comfy_host.output_dir / saved["subfolder"] / saved["filename"], force="mesh")
     exported = history["outputs"][EXPORT]["l2vsd_mesh"][0]
     assert len(mesh.faces) == exported["faces"] > 0
+
+
+def test_an_empty_prompt_is_named(comfy_host):
+    graph = tiny_graph(steps=2)
+    graph[OPTIMIZE]["inputs"]["prompt"] = "   "
+    result = run(comfy_host, graph)
+    errors = [data for kind, data in result["events"] if kind == "execution_error"]
+    assert errors and errors[0]["node_id"] == OPTIMIZE, _kinds(result)
+    assert "prompt" in errors[0]["exception_message"] and "empty" in errors[0]["exception_message"]
