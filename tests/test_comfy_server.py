@@ -265,3 +265,16 @@ def test_an_empty_prompt_is_named(comfy_host):
     errors = [data for kind, data in result["events"] if kind == "execution_error"]
     assert errors and errors[0]["node_id"] == OPTIMIZE, _kinds(result)
     assert "prompt" in errors[0]["exception_message"] and "empty" in errors[0]["exception_message"]
+
+
+def test_unchanged_inputs_hit_the_cache_and_a_new_seed_reoptimizes(comfy_host):
+    graph = tiny_graph(steps=2, checkpoint_folder="l2vsd/cache")
+    first = run(comfy_host, graph)
+    again = run(comfy_host, graph)
+    executed = lambda result: {d["node"] for kind, d in result["events"]  # noqa: E731
+                               if kind == "executing" and d.get("node") is not None}
+    assert OPTIMIZE in executed(first) and OPTIMIZE not in executed(again)  # ComfyUI reused the cached outputs
+    reseeded = copy.deepcopy(graph)
+    reseeded[OPTIMIZE]["inputs"]["seed"] = 1
+    third = run(comfy_host, reseeded)
+    assert OPTIMIZE in executed(third) and _progress(third)[-1] == (2, 2)
