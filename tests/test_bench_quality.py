@@ -45,3 +45,19 @@ def test_bad_inputs_are_named_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="no prompts"):
         read_prompts(empty)
     assert not any(tmp_path.iterdir()) or list(tmp_path.iterdir()) == [empty]
+
+
+def test_picture_grid_of_turntables(tmp_path):
+    from PIL import Image
+    from l2vsd_core.bench.quality import picture_grid
+    for method, color in (("sds", "red"), ("vsd", "blue")):
+        run_dir = tmp_path / "runs" / "a_red_cube" / method / "seed0"
+        run_dir.mkdir(parents=True)
+        frames = [Image.new("RGB", (16, 16), color) for _ in range(8)]
+        frames[0].save(run_dir / "turntable.gif", save_all=True, append_images=frames[1:])
+    path = picture_grid(tmp_path / "runs", ["a red cube"], ["sds", "vsd", "l2vsd"], tmp_path / "grid.png", frames=4)
+    grid = Image.open(path).convert("RGB")
+    assert grid.size == (150 + 4 * 16, 2 * 16)  # two runs exist: two rows
+    assert grid.getpixel((150 + 8, 8)) == (255, 0, 0) and grid.getpixel((150 + 8, 24)) == (0, 0, 255)
+    with pytest.raises(ValueError, match="no turntables"):
+        picture_grid(tmp_path / "runs", ["a blue sphere"], ["sds"], tmp_path / "none.png")

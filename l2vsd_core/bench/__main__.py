@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     quality.add_argument("--steps", type=int, default=None, help="stage-1 steps per run (default: the demo's)")
     quality.add_argument("--out", default="out/bench_quality", help="run folders (finished runs are reused)")
     quality.add_argument("--json", help="write the results here")
+    quality.add_argument("--grid", help="also write a PNG of turntable frames per prompt and method (seed 0)")
     args = parser.parse_args(argv)
     progress = lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True)
     from .step import write_json
@@ -45,8 +46,14 @@ def main(argv=None) -> int:
         from .quality import DEFAULT_METHODS as QUALITY_METHODS, quality_table, read_prompts, run_quality_benchmark
         methods = (QUALITY_METHODS if args.methods is None
                    else tuple(m.strip() for m in args.methods.split(",") if m.strip()))
-        run = lambda: run_quality_benchmark(read_prompts(args.prompts), methods, args.seeds, args.steps, args.out,
-                                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        def run():
+            prompts = read_prompts(args.prompts)
+            data = run_quality_benchmark(prompts, methods, args.seeds, args.steps, args.out,
+                                         log=lambda m: print(m, file=sys.stderr, flush=True))
+            if args.grid:
+                from .quality import picture_grid
+                picture_grid(args.out, prompts, methods, args.grid)
+            return data
         show = quality_table
     elif args.command == "render":
         from .render import render_table, run_render_benchmark

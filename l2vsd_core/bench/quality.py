@@ -92,3 +92,36 @@ def quality_table(data: dict) -> str:
         lines.append(f"| {method} | {m['fidelity']:.3f} ± {d['fidelity']:.3f} | {m['frechet']:.1f} ± "
                      f"{d['frechet']:.1f} | {m['iou']:.3f} ± {d['iou']:.3f} | {m['seconds']:.0f} | {s['runs']} |")
     return "\n".join(lines)
+
+
+def picture_grid(out, prompts: Sequence[str], methods: Sequence[str], path, seed: int = 0, frames: int = 6) -> Path:
+    """One row per (prompt, method): ``frames`` turntable frames of that run, labelled; a PNG written atomically."""
+    from PIL import Image, ImageDraw
+
+    from ..files import atomic_write
+
+    rows = []
+    for prompt in prompts:
+        for method in methods:
+            gif = Path(out) / _slug(prompt) / method / f"seed{seed}" / "turntable.gif"
+            if not gif.is_file():
+                continue
+            with Image.open(gif) as image:
+                count = getattr(image, "n_frames", 1)
+                picked = []
+                for k in range(frames):
+                    image.seek(k * count // frames)
+                    picked.append(image.convert("RGB").copy())
+            rows.append((f"{prompt} / {method}", picked))
+    if not rows:
+        raise ValueError(f"no turntables under {out} for these prompts and methods")
+    w, h = rows[0][1][0].size
+    label = 150
+    grid = Image.new("RGB", (label + w * frames, h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (text, picked) in enumerate(rows):
+        draw.text((4, r * h + h // 2 - 6), text, fill="black")
+        for k, frame in enumerate(picked):
+            grid.paste(frame, (label + k * w, r * h))
+    atomic_write(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
+    return Path(path)
