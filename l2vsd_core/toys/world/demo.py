@@ -41,8 +41,8 @@ METHOD_PRESETS = {
     "hlvsd": {"method": "hlvsd"},
     "esd": {"method": "vsd", "esd_lambda": 0.5},
     "l2esd": {"method": "l2vsd", "esd_lambda": 0.5},
-    "hifa": {"method": "vsd", "sqrt_anneal": True, "min_step_percent": 0.3, "lambda_z_variance": 300.0,
-             "lambda_image": 0.01},
+    "hifa": {"method": "vsd", "sqrt_anneal": True, "min_step_percent": 0.3, "max_step_percent": 0.98,
+             "lambda_z_variance": 300.0, "lambda_image": 0.01},  # prolificdreamer-hifa.yaml
 }
 
 
