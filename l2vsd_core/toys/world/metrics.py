@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ...distill import to_epsilon
 from ...scene.cameras import CameraBatch, RandomCameraSampler, orbit_cameras
 from .scene import BACKGROUND, COLOR_NAMES, SHAPE_NAMES, named_objects, silhouette
 
@@ -151,18 +152,16 @@ def prior_samples(prior, prompt: str, count: int = 64, steps: int = 25, guidance
     cond = PromptProcessor(prior.encode_text, prompt).conditioning(cams.elevation_deg, cams.azimuth_deg)
     a_bar = prior.alphas_cumprod.double().cpu()
     times = torch.linspace(a_bar.shape[0] - 1, 0, steps).round().long()
-    size = int(prior.image_size)
+    side = int(prior.image_size) // int(getattr(prior, "vae_scale_factor", 1))
     channels = int(getattr(prior, "latent_channels", 3))
     images = []
     for start in range(0, count, batch_size):
         sl = slice(start, min(start + batch_size, count))
         n = sl.stop - sl.start
-        x = torch.randn(n, channels, size // int(getattr(prior, "vae_scale_factor", 1)),
-                        size // int(getattr(prior, "vae_scale_factor", 1)), generator=g).to(prior.device)
+        x = torch.randn(n, channels, side, side, generator=g).to(prior.device)
         text = torch.cat([cond.text[sl], cond.text_uncond[sl]]).to(prior.device)
         for i, t in enumerate(times):
             tt = torch.full((2 * n,), int(t), device=prior.device)
-            from ...distill import to_epsilon
             out = prior(torch.cat([x, x]), tt, text)
             eps_c, eps_u = to_epsilon(out, torch.cat([x, x]), tt, prior.alphas_cumprod,
                                       prior.prediction_type).float().chunk(2)
