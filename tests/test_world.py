@@ -173,3 +173,31 @@ def _trainer_from_export(folder):
     trainer = Trainer(_tiny_config(folder.parent / "probe", 3))
     trainer.init_from_export(folder)
     return trainer
+
+
+def test_objective_change_fine_tunes_and_restarts_the_ema(tmp_path):
+    """--init-from an ε export with a v-prediction run: the weights carry over, the EMA warms up again from that step
+    (so it does not average in the ε weights), the export says v_prediction, and the loader converts v to ε."""
+    from l2vsd_core.prior import load_prior
+
+    eps_config = _tiny_config(tmp_path / "eps", 2)
+    eps_config.prediction_type = "epsilon"
+    train(eps_config)
+    exported = tmp_path / "eps" / "prior"
+    assert json.loads((exported / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    v_config = _tiny_config(tmp_path / "v", 3)
+    assert v_config.prediction_type == "v_prediction"
+    v_config.export_dir = tmp_path / "v" / "prior"
+    trainer = train(v_config, init_from=exported)
+    assert trainer.ema_start == 2
+    # one step after the restart the EMA decay is 2/11: mostly the new weights, not the ε export's
+    before = _trainer_from_export(exported)
+    k = next(iter(trainer.parameters))
+    expected = before.ema[k].lerp(trainer.parameters[k].detach(), 1 - 2 / 11)
+    assert torch.allclose(trainer.ema[k], expected, atol=1e-6)
+    assert load_prior(tmp_path / "v" / "prior", device="cpu").prediction_type == "v_prediction"
+    # resuming the v run with the ε objective is refused, naming the setting
+    wrong = _tiny_config(tmp_path / "v", 4)
+    wrong.prediction_type = "epsilon"
+    with pytest.raises(ValueError, match="prediction_type"):
+        train(wrong, resume=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .train import DEFAULT_EXPORT_DIR, DEFAULT_TRAIN_DIR, TrainConfig
+from .train import DEFAULT_EXPORT_DIR, DEFAULT_TRAIN_DIR, PREDICTION_TYPES, TrainConfig
 
 
 def _render_samples(args) -> int:
@@ -44,7 +44,7 @@ def _train(args) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, export_every=args.export_every,
                          log_every=args.log_every, model=args.model, train_dir=Path(args.out),
-                         export_dir=Path(args.export_dir))
+                         export_dir=Path(args.export_dir), prediction_type=args.prediction_type)
     train(config, resume=args.resume, init_from=Path(args.init_from) if args.init_from else None)
     return 0
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--model", choices=("default", "tiny"), default=defaults.model,
                    help="'tiny' is for tests only")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=defaults.prediction_type,
+                   help="the training target; --init-from an export with the other type fine-tunes it to this one")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--export-every", type=int, default=defaults.export_every)
     p.add_argument("--log-every", type=int, default=defaults.log_every)

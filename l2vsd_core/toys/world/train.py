@@ -8,12 +8,13 @@ tokens with start and end, and the prior pads every prompt to that length exactl
 (``DiffusionPrior.encode_text``).
 
 Objective.  DDPM, 1000 steps, **linear** betas 1e-4 → 0.02 (the pixel-space DDPM schedule; SD's ``scaled_linear`` is
-tuned for latents, whose signal is weaker), ε-prediction; x0 = rgb·2 − 1, what the prior's ``encode_images`` gives
-for a pixel-space model.  Captions become ``""`` with probability ``cfg_drop`` (0.1) so that the empty prompt —
+tuned for latents, whose signal is weaker), v-prediction (``prediction_type``; ε was the first objective, see
+``TrainConfig``); x0 = rgb·2 − 1, what the prior's ``encode_images`` gives for a pixel-space model.  Captions become ``""`` with probability ``cfg_drop`` (0.1) so that the empty prompt —
 the product's default negative prompt — is the unconditional model for classifier-free guidance.
 
 Optimisation.  AdamW (lr 2e-4 after a linear warm-up, gradient norm clipped at 1), EMA of the UNet and text-encoder
-weights (decay 0.999, warmed up as ``(1 + step) / (10 + step)``); exports use the EMA weights.
+weights (decay 0.999, warmed up as ``(1 + n) / (10 + n)``, n the steps since the EMA started: at step 0, or where
+``--init-from`` changed the objective); exports use the EMA weights.
 
 Reproducible and resumable.  Model init comes from ``seed``; everything random in step k (the batch, the caption
 drop, noise and timesteps) comes from generators seeded by (seed, k).  So a run resumed from step k's checkpoint does
@@ -51,9 +52,18 @@ DEFAULT_EXPORT_DIR = PACKAGE_DIR / "prior"
 DEFAULT_TRAIN_DIR = Path("out") / "world_prior_train"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TEXT_LENGTH = 16
-SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
-                    "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon",
-                    "clip_sample": True, "clip_sample_range": 1.0}
+PREDICTION_TYPES = ("v_prediction", "epsilon")
+
+
+def scheduler_config(prediction_type: str) -> dict:
+    """The DDPM schedule the prior is trained and sampled with (exported as ``scheduler/scheduler_config.json``)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+            "beta_schedule": "linear", "prediction_type": prediction_type, "clip_sample": True,
+            "clip_sample_range": 1.0}
+
+
 SAMPLE_PROMPTS = ("a red cube, front view", "a blue sphere, side view", "a green cone, front view",
                   "a yellow torus, back view", "a purple cylinder, side view", "a white octahedron, front view")
 
@@ -74,6 +84,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     cfg_drop: float = 0.1
+    # v-prediction: at high noise an ε-model must output almost exactly x_t/σ and its small errors become large x0
+    # errors (measured: the ε prior was worse than that trivial predictor above t ≈ 720, and sampled frame-filling
+    # colour); v's target there is the mean image, which a small UNet learns.
+    prediction_type: str = "v_prediction"
     seed: int = 0
     model: str = "default"
     checkpoint_every: int = 200
@@ -162,19 +176,22 @@ class Trainer:
         self.config = config
         self.unet, self.text_encoder = build_models(config.model, config.seed)
         self.tokens = TextCache(build_tokenizer())
-        self.alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod.float()
+        self.alphas_cumprod = DDPMScheduler.from_config(
+            scheduler_config(config.prediction_type)).alphas_cumprod.float()
         self.parameters = {**{f"unet.{k}": p for k, p in self.unet.named_parameters()},
                            **{f"text_encoder.{k}": p for k, p in self.text_encoder.named_parameters()}}
         self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.ema = {k: p.detach().clone() for k, p in self.parameters.items()}
         self.step = 0   # optimizer steps done
+        self.ema_start = 0   # the step the EMA (re)started from: its warm-up counts from here
 
     def lr_at(self, step: int) -> float:
         return self.config.lr * min(1.0, (step + 1) / max(1, self.config.warmup_steps))
 
     def loss(self, step: int) -> torch.Tensor:
-        """The ε-prediction loss of step ``step``'s batch (everything random drawn from (seed, step))."""
+        """The denoising loss (ε or v target, per ``prediction_type``) of step ``step``'s batch (everything random
+        drawn from (seed, step))."""
         cfg = self.config
         batch = make_batch(cfg.seed, step, cfg.batch_size)
         generator = batch_generator(cfg.seed + 7919, step)   # a stream apart from the data's
@@ -186,7 +203,8 @@ class Trainer:
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         text = self.text_encoder(self.tokens(captions), return_dict=False)[0]
         prediction = self.unet(x_t, t, encoder_hidden_states=text, return_dict=False)[0]
-        return F.mse_loss(prediction, noise)
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        return F.mse_loss(prediction, target)
 
     def train_step(self) -> float:
         self.unet.train()
@@ -199,7 +217,8 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        since = self.step - self.ema_start
+        decay = min(self.config.ema_decay, (1 + since) / (10 + since))
         with torch.no_grad():
             for k, p in self.parameters.items():
                 self.ema[k].lerp_(p.detach(), 1 - decay)
@@ -219,7 +238,8 @@ class Trainer:
     def save_checkpoint(self, path: Path) -> Path:
         from safetensors.torch import save
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
-        metadata = {"step": str(self.step), "config": json.dumps(self.config.to_json()),
+        metadata = {"step": str(self.step), "ema_start": str(self.ema_start),
+                    "config": json.dumps(self.config.to_json()),
                     "param_groups": json.dumps(groups)}
         return atomic_write_bytes(path, save(self.state_tensors(), metadata=metadata))
 
@@ -230,8 +250,8 @@ class Trainer:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
         tensors = load_file(str(path))
-        saved = json.loads(metadata["config"])
-        for key in ("model", "seed", "batch_size"):
+        saved = {"prediction_type": "epsilon", **json.loads(metadata["config"])}   # older checkpoints: ε
+        for key in ("model", "seed", "batch_size", "prediction_type"):
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"{path} was trained with {key}={saved[key]!r}, this run has "
                                  f"{getattr(self.config, key)!r}; resume with the same {key}")
@@ -250,6 +270,7 @@ class Trainer:
         groups[0]["params"] = list(range(len(names)))
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.step = int(metadata["step"])
+        self.ema_start = int(metadata.get("ema_start", 0))
 
     def init_from_export(self, folder: Path) -> None:
         """Continue from an exported prior alone (its EMA weights become the weights and the EMA; fresh AdamW
@@ -277,6 +298,12 @@ class Trainer:
                 p.copy_(loaded[k])
                 self.ema[k].copy_(loaded[k])
         self.step = int(state["step"])
+        self.ema_start = int(state.get("ema_start", 0))
+        exported_type = state["config"].get("prediction_type", "epsilon")
+        if exported_type != self.config.prediction_type:
+            # a change of objective: the weights are a starting point (the features carry over, the output head
+            # relearns), and the EMA restarts so that it does not average in the other objective's weights
+            self.ema_start = self.step
 
     def ema_models(self):
         """Copies of (unet, text_encoder) carrying the EMA weights, in eval mode."""
@@ -292,7 +319,8 @@ class Trainer:
 TRAINING_STATE = "l2vsd_training.json"  # in the export: the step and config it came from (for --init-from)
 
 
-def export_prior(unet, text_encoder, export_dir: Path, training: Optional[dict] = None) -> Path:
+def export_prior(unet, text_encoder, export_dir: Path, prediction_type: str = "v_prediction",
+                 training: Optional[dict] = None) -> Path:
     """Write the diffusers folder (no vae: a pixel-space prior) to a temporary sibling, then swap it in.
     ``training``: the step and config to record next to it, so that training can continue from the export alone."""
     export_dir = Path(export_dir)
@@ -304,7 +332,7 @@ def export_prior(unet, text_encoder, export_dir: Path, training: Optional[dict] 
         copy.deepcopy(text_encoder).half().save_pretrained(tmp / "text_encoder", safe_serialization=True)
         write_tokenizer_folder(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(prediction_type), indent=2))
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -335,11 +363,11 @@ def _diffusers_version() -> str:
 
 @torch.no_grad()
 def sample_images(unet, text_encoder, prompts: list[str], per_prompt: int = 6, steps: int = 25,
-                  guidance: float = 5.0, seed: int = 0) -> torch.Tensor:
+                  guidance: float = 5.0, seed: int = 0, prediction_type: str = "v_prediction") -> torch.Tensor:
     """[len(prompts)·per_prompt, 3, 32, 32] in [0, 1]: DDIM (η = 0) with classifier-free guidance against ""."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler = DDIMScheduler.from_config(scheduler_config(prediction_type))
     scheduler.set_timesteps(steps)
     tokens = TextCache(build_tokenizer())
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
@@ -349,9 +377,9 @@ def sample_images(unet, text_encoder, prompts: list[str], per_prompt: int = 6, s
     size = unet.config.sample_size
     x = torch.randn(len(all_prompts), 3, size, size, generator=generator)
     for t in scheduler.timesteps:
-        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0]
-        eps_cond, eps_uncond = eps.chunk(2)
-        x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+        out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0]
+        out_cond, out_uncond = out.chunk(2)   # ε or v: guidance is linear, so either mixes the same way
+        x = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, x).prev_sample
     return ((x + 1) / 2).clamp(0, 1)
 
 
@@ -374,10 +402,12 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int, scale: int =
 
 def export_with_samples(trainer: Trainer, samples: bool = True) -> Path:
     unet, text_encoder = trainer.ema_models()
-    path = export_prior(unet, text_encoder, trainer.config.export_dir,
-                        training={"step": trainer.step, "config": trainer.config.to_json()})
+    config = trainer.config
+    path = export_prior(unet, text_encoder, config.export_dir, prediction_type=config.prediction_type,
+                        training={"step": trainer.step, "ema_start": trainer.ema_start, "config": config.to_json()})
     if samples:
-        images = sample_images(unet, text_encoder, list(SAMPLE_PROMPTS), seed=trainer.config.seed)
+        images = sample_images(unet, text_encoder, list(SAMPLE_PROMPTS), seed=config.seed,
+                               prediction_type=config.prediction_type)
         save_image_grid(images, Path(trainer.config.train_dir) / f"samples_{trainer.step:06d}.png", columns=6)
     return path
 
