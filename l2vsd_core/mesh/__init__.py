@@ -1,0 +1,1 @@
+"""Meshes: differentiable rasterizer (torch | nvdiffrast), DMTet, geometry/texture refinement pieces."""
