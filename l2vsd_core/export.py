@@ -316,13 +316,19 @@ def _query_rgb(field, points: np.ndarray, dirs: np.ndarray, chunk: int) -> np.nd
     for s in range(0, len(points), chunk):
         p = torch.as_tensor(points[s:s + chunk], dtype=dtype, device=device)
         d = torch.as_tensor(dirs[s:s + chunk], dtype=dtype, device=device)
-        out.append(field(p, d)["rgb"].reshape(-1, 3).float().clamp(0, 1).cpu().numpy())
+        rgb = field(p, d)
+        rgb = rgb["rgb"] if isinstance(rgb, dict) else rgb  # a field's output dict, or a colour function's [N, 3]
+        out.append(rgb.reshape(-1, 3).float().clamp(0, 1).cpu().numpy())
     return np.concatenate(out, 0) if out else np.zeros((0, 3), np.float32)
 
 
 def bake_texture(mesh, field, texture_size: int = 1024, padding: int = 4, chunk: int = 65536,
                  background: Optional[tuple] = None):
     """UV-unwrap ``mesh`` with xatlas and bake ``field(points, dirs)["rgb"]`` into a ``texture_size``² texture.
+
+    ``field`` is anything queried as ``field(points [N, 3], dirs [N, 3])``: a radiance field returning a dict with
+    ``"rgb"`` (stage 1's ``ImplicitVolume``, the texture stage's ``TextureField``) or a colour function returning
+    ``[N, 3]`` directly; a module's parameters give the query's device and dtype (CPU float32 otherwise).
 
     Every texel covered by a UV triangle gets the field's colour at its 3D point (barycentric interpolation of
     the triangle's corners); the view direction passed to the field is minus the face normal (looking at the

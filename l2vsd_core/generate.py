@@ -1,4 +1,4 @@
-"""``python -m l2vsd_core generate``: prompt → stage-1 NeRF → textured mesh, in one command.
+"""``python -m l2vsd_core generate``: prompt → stage-1 NeRF (→ refined mesh → texture) → textured mesh, one command.
 
 :func:`generate` chains the pieces: :func:`~l2vsd_core.prior.load_prior` → :class:`~l2vsd_core.prompts.PromptProcessor`
 → :class:`~l2vsd_core.score.LoRAScore` (sharing the prior's UNet; none for ``sds``) → field, background, renderer →
@@ -10,6 +10,16 @@ sidecar; periodic and final, by the loop), ``model.glb``, ``turntable.gif``, ``c
 the raw numbers in ``curves.json``).  Every file is written atomically.  ``--resume`` loads
 ``DIR/checkpoint.safetensors`` and continues to ``--steps``.
 
+``--stages 2`` / ``3`` go on after stage 1 with ProlificDreamer's geometry refinement
+(:class:`~l2vsd_core.mesh.refine.GeometryRefiner`, DMTet initialised from the stage-1 density at ``--threshold``)
+and then its texture refinement (:class:`~l2vsd_core.mesh.refine.TextureRefiner` on the fixed refined mesh; a fresh
+colour field, background and LoRA, as threestudio's stages each start anew), each with its own checkpoint,
+``geometry.safetensors`` / ``texture.safetensors`` (+ ``.json``), and curves, ``geometry_curves.png`` / ``.json`` and
+``texture_curves.png`` / ``.json``.  ``model.glb`` and ``turntable.gif`` then come from the last stage: the refined
+mesh textured by the stage-1 colour field (stage 2) or by the texture stage's field (stage 3).  With ``--resume`` a
+stage continues from its checkpoint when the stage before it did not run further in this call (otherwise the stale
+checkpoint is replaced).  The progress terms carry ``stage`` (1, 2, 3) when more than one stage runs.
+
 A stop request (``should_stop``, or Ctrl-C in the CLI: the first one stops after the current step) writes the
 checkpoint and skips the export; a :class:`KeyboardInterrupt` raised inside a step also writes the checkpoint (of
 the last finished step count) before propagating.  User errors raise :class:`GenerateError` (or the loaders'
@@ -18,6 +28,7 @@ the last finished step count) before propagating.  User errors raise :class:`Gen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,12 +42,14 @@ from typing import Callable, Optional
 from .files import atomic_write, atomic_write_text
 
 __all__ = ["GenerateError", "add_generate_arguments", "generate", "options_from_args", "CONFIG_OPTIONS",
-           "CHECKPOINT_NAME", "OUTPUT_NAMES"]
+           "CHECKPOINT_NAME", "OUTPUT_NAMES", "STAGE_CHECKPOINTS"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DEFAULT_MAX_FACES = 200_000
 OUTPUT_NAMES = {"checkpoint": CHECKPOINT_NAME, "mesh": "model.glb", "turntable": "turntable.gif",
                 "curves": "curves.png", "curves_data": "curves.json", "config": "config.json"}
+# stages 2 and 3: name → (stage number, checkpoint file); curves go to "<name>_curves.png" / ".json"
+STAGE_CHECKPOINTS = {"geometry": (2, "geometry.safetensors"), "texture": (3, "texture.safetensors")}
 
 # Stage1Config field → CLI option dest (every Stage1Config setting is reachable; ``distill`` has its own options and
 # ``checkpoint_path`` is ``DIR/checkpoint.safetensors``)
@@ -203,9 +216,27 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         "0.5; 0 for a prior that only knows one background)")
     g.add_argument("--normal-type", default="none", choices=["none", "finite_difference", "analytic"],
                    help="field normals (stage 1: none; --lambda-orient needs them)")
+    from .mesh.refine import GeometryConfig, TextureConfig
+
+    gc, tc = GeometryConfig(), TextureConfig()
+    g = parser.add_argument_group("refinement (stages 2 and 3)")
+    g.add_argument("--stages", type=int, default=1, choices=(1, 2, 3),
+                   help="1: NeRF only; 2: + DMTet geometry refinement; 3: + texture refinement (ProlificDreamer)")
+    g.add_argument("--geometry-steps", type=int, default=gc.steps)
+    g.add_argument("--geometry-resolution", type=int, default=gc.resolution, help="render size of stage 2")
+    g.add_argument("--dmtet-resolution", type=int, default=gc.dmtet_resolution,
+                   help="DMTet cubes per axis over the object's box (64 ~ threestudio's 128 tets)")
+    g.add_argument("--geometry-method", default=gc.distill.method, choices=METHODS,
+                   help="estimator on the normal maps (ProlificDreamer: sds)")
+    g.add_argument("--geometry-guidance-scale", type=float, default=gc.distill.guidance_scale)
+    g.add_argument("--texture-steps", type=int, default=tc.steps)
+    g.add_argument("--texture-resolution", type=int, default=tc.resolution, help="render size of stage 3")
+    g.add_argument("--texture-method", default=None, choices=METHODS,
+                   help="estimator of stage 3 (default: --method; its other settings are stage 1's)")
     g = parser.add_argument_group("export")
     g.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid")
-    g.add_argument("--threshold", type=_threshold, default="auto", help="density level, or auto")
+    g.add_argument("--threshold", type=_threshold, default="auto",
+                   help="density level of the surface (export; with --stages 2/3 the DMTet initialisation), or auto")
     g.add_argument("--max-faces", type=int, default=DEFAULT_MAX_FACES,
                    help="decimate the isosurface to at most this many faces before UV unwrapping")
     g.add_argument("--texture-size", type=int, default=1024)
@@ -246,6 +277,15 @@ def _check_options(o: dict) -> Path:
     aug = o.get("background_aug_prob", 0.5)
     if not isinstance(aug, (int, float)) or not 0.0 <= aug <= 1.0:
         raise GenerateError(f"--background-aug-prob must be a number in [0, 1]; got {aug!r}")
+    stages = o.get("stages", 1)
+    if stages not in (1, 2, 3) or isinstance(stages, bool):
+        raise GenerateError(f"--stages must be 1, 2 or 3 (NeRF; + geometry refinement; + texture); got {stages!r}")
+    if stages > 1:
+        for name, least in (("geometry_steps", 1), ("geometry_resolution", 1), ("dmtet_resolution", 2),
+                            ("texture_steps", 1), ("texture_resolution", 1)):
+            v = o.get(name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise GenerateError(f"--{name.replace('_', '-')} must be an integer >= {least}; got {v!r}")
     if o.get("threads") is not None and o["threads"] < 1:
         raise GenerateError(f"--threads must be >= 1; got {o['threads']!r}")
     out = Path(o["out"]).expanduser()
@@ -274,23 +314,87 @@ def _stage1_config(o: dict, out: Path):
     return Stage1Config(distill=distill, checkpoint_path=str(out / CHECKPOINT_NAME), **kw)
 
 
-def _scene(o: dict, device):
-    from .scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
+def _refine_configs(o: dict, out: Path) -> dict:
+    """The stage-2 and stage-3 configs for ``--stages`` (empty for 1): threestudio's recipes, with the run's cameras,
+    previews, checkpoint cadence and (for the texture) stage 1's estimator settings and learning rates."""
+    from .distill import DistillConfig
+    from .mesh.refine import GeometryConfig, TextureConfig
+    from .schedules import TimestepSampler
+
+    shared = dict(seed=o["seed"], batch_size=o["batch_size"], betas=tuple(o["betas"]), eps=o["eps"],
+                  checkpoint_every=o["checkpoint_every"], preview_every=o["preview_every"],
+                  preview_resolution=o["preview_resolution"], preview_views=o["preview_views"],
+                  preview_elevation=o["preview_elevation"], preview_distance=o["preview_distance"],
+                  preview_fovy=o["preview_fovy"], camera_distance_range=tuple(o["camera_distance_range"]),
+                  fovy_range=tuple(o["fovy_range"]), elevation_range=tuple(o["elevation_range"]))
+    method_knobs = {k: o[k] for k in ("eta", "lora_steps", "esd_lambda", "jvp_mode", "fd_rel_step")}
+    configs = {}
+    if o["stages"] >= 2:
+        default = GeometryConfig().distill
+        timesteps = dataclasses.replace(default.timesteps, max_steps=o["geometry_steps"])
+        distill = DistillConfig(method=o["geometry_method"], guidance_scale=o["geometry_guidance_scale"],
+                                weighting=default.weighting, timesteps=timesteps, **method_knobs)
+        configs["geometry"] = GeometryConfig(
+            steps=o["geometry_steps"], resolution=o["geometry_resolution"], distill=distill,
+            dmtet_resolution=o["dmtet_resolution"], isosurface_threshold=o["threshold"],
+            checkpoint_path=str(out / STAGE_CHECKPOINTS["geometry"][1]), **shared)
+    if o["stages"] >= 3:
+        timesteps = TimestepSampler(1000, o["min_step_percent"], o["max_step_percent"],
+                                    sqrt_anneal=o["sqrt_anneal"], max_steps=o["texture_steps"])
+        knobs = {f: o[k] for f, k in DISTILL_OPTIONS.items()}
+        knobs["method"] = o.get("texture_method") or o["method"]
+        distill = DistillConfig(timesteps=timesteps, **knobs)
+        configs["texture"] = TextureConfig(
+            steps=o["texture_steps"], resolution=o["texture_resolution"], distill=distill,
+            lr_encoding=o["lr_encoding"], lr_network=o["lr_network"], lr_background=o["lr_background"],
+            weight_decay=o["weight_decay"], checkpoint_path=str(out / STAGE_CHECKPOINTS["texture"][1]), **shared)
+    return configs
+
+
+def _lora_score(o: dict, prior, **kw):
+    """A fresh LoRA score on the prior's UNet (each stage trains its own, as threestudio's stages each start a new
+    guidance); ``kw``: e.g. another ``adapter_name`` next to stage 1's."""
+    import warnings
+
+    import torch
+    from .score import LoRAScore
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # peft initialises it from the global RNG
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one adapter per stage, on purpose
+        torch.manual_seed(o["seed"])
+        return LoRAScore(prior.unet, prior.alphas_cumprod, prior.prediction_type, rank=o["lora_rank"],
+                         alpha=o["lora_alpha"], lr=o["lora_lr"], camera_dropout=o["camera_dropout"],
+                         seed=o["seed"], last_layer=o["lora_last_layer"], **kw)
+
+
+def _hashgrid(o: dict):
     from .scene.hashgrid import HashGridConfig
 
     levels = o["levels"]
     scale = 1.0 if levels == 1 else math.exp(math.log(max(o["max_resolution"] / o["base_resolution"], 1.0))
                                                  / (levels - 1))
-    grid = HashGridConfig(n_levels=levels, n_features_per_level=o["features_per_level"],
+    return HashGridConfig(n_levels=levels, n_features_per_level=o["features_per_level"],
                           log2_hashmap_size=o["log2_hashmap_size"], base_resolution=o["base_resolution"],
                           per_level_scale=scale)
+
+
+def _background(o: dict, seed: int):
+    from .scene.field import BackgroundConfig, EnvironmentBackground
+
+    aug = float(o.get("background_aug_prob", BackgroundConfig.random_aug_prob))
+    return EnvironmentBackground(BackgroundConfig(random_aug=aug > 0, random_aug_prob=aug), seed=seed)
+
+
+def _scene(o: dict, device):
+    from .scene.field import FieldConfig, ImplicitVolume
+
+    grid = _hashgrid(o)
     field = ImplicitVolume(FieldConfig(radius=o["radius"], hashgrid=grid, backend=o["backend"],
                                        mlp_neurons=o["mlp_neurons"],
                                        normal_type=None if o.get("normal_type", "none") == "none"
                                        else o["normal_type"]),
                           seed=o["seed"])
-    aug = float(o.get("background_aug_prob", BackgroundConfig.random_aug_prob))
-    background = EnvironmentBackground(BackgroundConfig(random_aug=aug > 0, random_aug_prob=aug), seed=o["seed"] + 1)
+    background = _background(o, o["seed"] + 1)
     return field.to(device), background.to(device)
 
 
@@ -355,10 +459,13 @@ def _log(msg: str, quiet: bool = False) -> None:
 # ------------------------------------------------------------------------------------------------------- generate
 def generate(options: dict, progress: Optional[Callable] = None,
              should_stop: Optional[Callable[[], bool]] = None, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Run stage 1 and the export for ``options`` (the CLI's options as a dict; missing keys take the defaults).
+    """Run stage 1 (and stages 2, 3 with ``options["stages"]``) and the export for ``options`` (the CLI's options
+    as a dict; missing keys take the defaults).
 
-    ``progress(done, total, terms)`` after every step; ``should_stop()`` before every step (true: checkpoint,
-    no export).  Returns ``{"out", "step", "stopped", "paths": {name: path}, "warnings": [...]}``.
+    ``progress(done, total, terms)`` after every step (of the running stage; ``terms["stage"]`` says which when
+    more than one runs); ``should_stop()`` before every step (true: checkpoint, no export).  Returns ``{"out",
+    "step" (stage 1's), "stopped", "paths": {name: path}, "warnings": [...]}``, plus ``"stage_steps"`` with more
+    than one stage.
     """
     log = log or (lambda m: _log(m))
     o = _defaults()
@@ -373,25 +480,21 @@ def generate(options: dict, progress: Optional[Callable] = None,
     if o.get("threads"):
         torch.set_num_threads(int(o["threads"]))
     config = _stage1_config(o, out)  # validates every stage-1 value before the (slow) prior load
+    refine_configs = _refine_configs(o, out)  # and those of stages 2 and 3
     prior = load_prior(o["prior"], device=o["device"], dtype=o["dtype"], prediction_type=o["prediction_type"],
                        tokenizer_dir=o["tokenizer_dir"], config_dir=o["config_dir"])
     config.check_prior(prior)
+    for refine_config in refine_configs.values():
+        refine_config.check_prior(prior)
     prompts = PromptProcessor(prior.encode_text, o["prompt"], negative_prompt=o["negative_prompt"])
-    score = None
-    if config.distill.needs_trainable_score:
-        from .score import LoRAScore
-        with torch.random.fork_rng(devices=[]):  # peft initialises the LoRA from the global RNG
-            torch.manual_seed(o["seed"])
-            score = LoRAScore(prior.unet, prior.alphas_cumprod, prior.prediction_type, rank=o["lora_rank"],
-                              alpha=o["lora_alpha"], lr=o["lora_lr"], camera_dropout=o["camera_dropout"],
-                              seed=o["seed"], last_layer=o["lora_last_layer"])
+    score = _lora_score(o, prior) if config.distill.needs_trainable_score else None
     field, background = _scene(o, prior.device)
     renderer = config.make_renderer().to(prior.device)
     opt = Stage1Optimizer(prior, score, prompts, field, background, renderer, config)
     # everything is validated: only now create the folder and record the options
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / OUTPUT_NAMES["config"], json.dumps({"options": o, "stage1": config.to_json()}, indent=1,
-                                                          default=str))
+    recorded = {"options": o, "stage1": config.to_json(), **{k: c.to_json() for k, c in refine_configs.items()}}
+    atomic_write_text(out / OUTPUT_NAMES["config"], json.dumps(recorded, indent=1, default=str))
 
     ckpt = out / CHECKPOINT_NAME
     curves_json = out / OUTPUT_NAMES["curves_data"]
@@ -414,7 +517,7 @@ def generate(options: dict, progress: Optional[Callable] = None,
             img = Image.fromarray((preview.numpy() * 255).round().astype(np.uint8))
             img.save(out / f"preview_{done:06d}.png")
         if progress is not None:
-            progress(done, config.steps, terms)
+            progress(done, config.steps, {**terms, "stage": 1.0} if refine_configs else terms)
 
     result = {"out": str(out), "stopped": False, "paths": {}, "warnings": []}
     with _Interrupts() as interrupts:
@@ -434,7 +537,11 @@ def generate(options: dict, progress: Optional[Callable] = None,
         log(f"stopped at step {opt.global_step}/{config.steps}; checkpoint {ckpt} (continue with --resume)")
         return result
     if start >= config.steps:
-        log(f"checkpoint already at step {start} >= --steps {config.steps}: exporting only")
+        log(f"checkpoint already at step {start} >= --steps {config.steps}: "
+            + ("exporting only" if not refine_configs else "going on with the next stage"))
+    if refine_configs:
+        return _refine(o, out, prior, prompts, field, background, refine_configs, opt.global_step > start, result,
+                       progress, should_stop, log)
 
     from .export import bake_texture, decimate, extract_mesh, save_mesh, turntable_gif
     field.eval()
@@ -465,15 +572,124 @@ def generate(options: dict, progress: Optional[Callable] = None,
     return result
 
 
+# ------------------------------------------------------------------------------------------------- stages 2 and 3
+def _run_stage(loop, name: str, o: dict, out: Path, may_resume: bool, result: dict, progress, should_stop,
+               log) -> bool:
+    """Run one refinement stage with its checkpoint, curves, previews and interrupt handling (as stage 1 in
+    :func:`generate`); returns whether it did any step in this call.  Sets ``result["stopped"]`` on a stop."""
+    number, ckpt_name = STAGE_CHECKPOINTS[name]
+    ckpt, curves_json = out / ckpt_name, out / f"{name}_curves.json"
+    history: list = []
+    if may_resume and ckpt.is_file():
+        meta = loop.load_checkpoint(ckpt)
+        log(f"resumed the {name} stage from {ckpt} at step {meta['step']}")
+        if curves_json.is_file():
+            try:
+                history = [t for t in json.loads(curves_json.read_text()) if t.get("done", 0) <= loop.global_step]
+            except (ValueError, TypeError):
+                history = []
+    elif o["resume"] and ckpt.is_file():
+        log(f"the stage before the {name} stage ran further: {ckpt} is out of date, starting the {name} stage anew")
+    start, total = loop.global_step, loop.config.steps
+
+    def callback(done, terms, preview):
+        history.append({"done": done, **{k: v for k, v in terms.items() if isinstance(v, float)}})
+        if preview is not None:
+            from PIL import Image
+            import numpy as np
+            Image.fromarray((preview.numpy() * 255).round().astype(np.uint8)).save(
+                out / f"preview_{name}_{done:06d}.png")
+        if progress is not None:
+            progress(done, total, {**terms, "stage": float(number)})
+
+    with _Interrupts() as interrupts:
+        stop = lambda: interrupts.requested or (should_stop is not None and bool(should_stop()))  # noqa: E731
+        try:
+            loop.run(callback=callback, should_stop=stop, checkpoint_path=ckpt)
+        except KeyboardInterrupt:
+            loop.save_checkpoint(ckpt)
+            atomic_write_text(curves_json, json.dumps(history))
+            raise
+    result["stage_steps"][name] = loop.global_step
+    result["paths"][f"{name}_checkpoint"] = str(ckpt)
+    atomic_write_text(curves_json, json.dumps(history))
+    result["paths"][f"{name}_curves"] = str(write_curves(history, out / f"{name}_curves.png"))
+    if loop.global_step < total:
+        result["stopped"] = True
+        log(f"stopped at step {loop.global_step}/{total} of the {name} stage; checkpoint {ckpt} (continue with "
+            f"--resume)")
+    return loop.global_step > start
+
+
+def _refine(o: dict, out: Path, prior, prompts, field, background, configs: dict, stage1_ran: bool, result: dict,
+            progress, should_stop, log) -> dict:
+    """Stages 2 (and 3) after a finished stage 1, then the GLB and turntable of the last one."""
+    from .export import turntable_gif
+    from .mesh.mesh_renderer import MeshRenderer
+    from .mesh.refine import GeometryRefiner, TextureField, TextureRefiner, save_textured_mesh
+
+    for module in (field, background):
+        module.eval()
+    result["stage_steps"] = {"stage1": result["step"]}
+    geometry_config = configs["geometry"]
+    geometry_score = (_lora_score(o, prior, adapter_name="l2vsd_geometry")
+                      if geometry_config.distill.needs_trainable_score else None)
+    try:
+        geometry = GeometryRefiner.from_stage1(prior, geometry_score, prompts, field, geometry_config)
+    except ValueError as e:  # stage 1 is saved: the user can fix --threshold (or train longer) and resume
+        raise GenerateError(f"{e} (the option is --threshold; stage 1 is in {out / CHECKPOINT_NAME}: continue with "
+                            f"--resume)") from e
+    log(f"geometry stage: DMTet {geometry_config.dmtet_resolution}^3 over the box "
+        f"{[round(float(x), 3) for x in geometry.dmtet.bbox.flatten()]} at density "
+        f"{geometry.dmtet.isosurface_threshold:g}")
+    previous_ran = _run_stage(geometry, "geometry", o, out, o["resume"] and not stage1_ran, result, progress,
+                              should_stop, log)
+    if result["stopped"]:
+        return result
+    mesh, color, shown_background = geometry.final_mesh(), field, background
+    if "texture" in configs:
+        texture_config = configs["texture"]
+        texture_score = (_lora_score(o, prior, adapter_name="l2vsd_texture")
+                         if texture_config.distill.needs_trainable_score else None)
+        texture_field = TextureField(o["radius"], _hashgrid(o), backend=o["backend"], mlp_neurons=o["mlp_neurons"],
+                                     seed=o["seed"] + 2).to(prior.device)
+        texture_background = _background(o, o["seed"] + 3).to(prior.device)
+        texture = TextureRefiner(prior, texture_score, prompts, mesh, texture_field, texture_background,
+                                 texture_config)
+        _run_stage(texture, "texture", o, out, o["resume"] and not previous_ran, result, progress, should_stop, log)
+        if result["stopped"]:
+            return result
+        mesh, color, shown_background = texture.mesh, texture_field, texture_background
+        for module in (texture_field, texture_background):
+            module.eval()
+
+    t0 = time.perf_counter()
+    baked, path = save_textured_mesh(mesh, color, out / OUTPUT_NAMES["mesh"], texture_size=o["texture_size"],
+                                     max_faces=o.get("max_faces", DEFAULT_MAX_FACES))
+    result["paths"]["mesh"] = str(path)
+    log(f"mesh: {len(baked.vertices)} vertices, {len(baked.faces)} faces ({time.perf_counter() - t0:.1f} s)")
+    preview = configs["geometry"]
+    result["paths"]["turntable"] = str(turntable_gif(
+        MeshRenderer().bind(mesh), color, shown_background, out / OUTPUT_NAMES["turntable"],
+        n_views=o["turntable_views"], resolution=o["turntable_resolution"], elevation_deg=preview.preview_elevation,
+        distance=preview.preview_distance, fovy_deg=preview.preview_fovy))
+    result["paths"]["config"] = str(out / OUTPUT_NAMES["config"])
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------------ CLI
+_STAGE_NAMES = {1: "stage 1 (NeRF)", 2: "stage 2 (geometry)", 3: "stage 3 (texture)"}
+
+
 class _Bar:
     """tqdm when importable, else a plain ``\\r`` line on stderr."""
 
-    def __init__(self, total: int, initial: int):
-        self.total, self.initial, self.last = total, initial, initial
+    def __init__(self, total: int, initial: int, desc: Optional[str] = None):
+        self.total, self.initial, self.last, self.desc = total, initial, initial, desc
         try:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            desc=desc)
         except ImportError:
             self.bar = None
         self.t0 = time.perf_counter()
@@ -485,7 +701,8 @@ class _Bar:
             self.bar.set_postfix(loss=f"{loss:.4g}", res=int(terms.get("resolution", 0)), refresh=False)
         else:
             rate = (time.perf_counter() - self.t0) / max(done - self.initial, 1)
-            print(f"\rstep {done}/{total}  loss {loss:.4g}  {rate:.2f} s/step", end="", file=sys.stderr, flush=True)
+            print(f"\r{self.desc + ': ' if self.desc else ''}step {done}/{total}  loss {loss:.4g}  {rate:.2f} s/step",
+                  end="", file=sys.stderr, flush=True)
         self.last = done
 
     def close(self) -> None:
@@ -498,14 +715,18 @@ class _Bar:
 def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``generate`` from parsed arguments; user errors → ``parser.error`` (exit 2, one line)."""
     options = options_from_args(args)
-    bar = None
+    bar, stage = None, None
 
     def progress(done, total, terms):
-        nonlocal bar
+        nonlocal bar, stage
         if options.get("no_progress"):
             return
+        if bar is not None and terms.get("stage") != stage:  # a new stage: a new bar
+            bar.close()
+            bar = None
         if bar is None:
-            bar = _Bar(total, done - 1)
+            stage = terms.get("stage")
+            bar = _Bar(total, done - 1, None if stage is None else _STAGE_NAMES[int(stage)])
         bar(done, total, terms)
 
     def log(msg):
@@ -520,8 +741,9 @@ def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        print(f"interrupted; checkpoint in {os.path.join(options['out'], CHECKPOINT_NAME)} "
-              f"(continue with --resume)", file=sys.stderr)
+        where = (os.path.join(options["out"], CHECKPOINT_NAME) if options.get("stages", 1) == 1
+                 else f"{options['out']} (one per stage)")
+        print(f"interrupted; checkpoint in {where} (continue with --resume)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         if bar is not None:
