@@ -25,6 +25,7 @@ import torch.nn as nn
 from ...distill import to_epsilon
 from ...scene.cameras import CameraBatch, RandomCameraSampler, orbit_cameras
 from .scene import BACKGROUND, COLOR_NAMES, SHAPE_NAMES, named_objects, silhouette
+from .train import SAMPLE_GUIDANCE
 
 VIEWS = 16
 RESOLUTION = 32
@@ -139,7 +140,7 @@ _SAMPLE_CACHE: dict = {}
 
 
 @torch.no_grad()
-def prior_samples(prior, prompt: str, count: int = 64, steps: int = 25, guidance_scale: float = 5.0,
+def prior_samples(prior, prompt: str, count: int = 64, steps: int = 25, guidance_scale: float = SAMPLE_GUIDANCE,
                   seed: int = 0, batch_size: int = 32) -> torch.Tensor:
     """``count`` images [count, 3, H, W] the prior draws for ``prompt`` (view-suffixed per random training camera),
     by deterministic DDIM with classifier-free guidance; cached per (prior, arguments)."""
