@@ -214,6 +214,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--background-aug-prob", type=float, default=0.5,
                    help="probability of a random solid background colour per training render (ProlificDreamer: "
                         "0.5; 0 for a prior that only knows one background)")
+    g.add_argument("--background-color", type=_floats(3), default=None, metavar="R,G,B",
+                   help="a fixed background colour in [0, 1] instead of the learned environment map (no "
+                        "augmentation); the toy world's prior knows only white: 1,1,1")
     g.add_argument("--normal-type", default="none", choices=["none", "finite_difference", "analytic"],
                    help="field normals (stage 1: none; --lambda-orient needs them)")
     from .mesh.refine import GeometryConfig, TextureConfig
@@ -277,6 +280,10 @@ def _check_options(o: dict) -> Path:
     aug = o.get("background_aug_prob", 0.5)
     if not isinstance(aug, (int, float)) or not 0.0 <= aug <= 1.0:
         raise GenerateError(f"--background-aug-prob must be a number in [0, 1]; got {aug!r}")
+    color = o.get("background_color")
+    if color is not None and (not isinstance(color, (list, tuple)) or len(color) != 3
+                              or not all(isinstance(c, (int, float)) and 0.0 <= c <= 1.0 for c in color)):
+        raise GenerateError(f"--background-color must be three numbers in [0, 1] (R,G,B); got {color!r}")
     stages = o.get("stages", 1)
     if stages not in (1, 2, 3) or isinstance(stages, bool):
         raise GenerateError(f"--stages must be 1, 2 or 3 (NeRF; + geometry refinement; + texture); got {stages!r}")
@@ -381,6 +388,9 @@ def _hashgrid(o: dict):
 def _background(o: dict, seed: int):
     from .scene.field import BackgroundConfig, EnvironmentBackground
 
+    if o.get("background_color") is not None:
+        from .scene.field import SolidBackground
+        return SolidBackground(o["background_color"])
     aug = float(o.get("background_aug_prob", BackgroundConfig.random_aug_prob))
     return EnvironmentBackground(BackgroundConfig(random_aug=aug > 0, random_aug_prob=aug), seed=seed)
 

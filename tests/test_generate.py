@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tiny_sd
 from l2vsd_core.__main__ import main
@@ -208,3 +209,28 @@ def test_ctrl_c_in_a_real_process_stops_after_the_step_with_a_checkpoint(prior_d
     assert "decimating the isosurface" in r.stderr  # the exported mesh is capped at --max-faces
     import trimesh
     assert 0 < len(trimesh.load(out / "model.glb", force="mesh").faces) <= 200
+
+
+def test_fixed_background_colour(prior_dir, tmp_path):
+    """--background-color: a fixed colour behind the object (no parameters, no augmentation), kept through a resume;
+    a bad colour is refused before anything runs."""
+    from PIL import Image
+    from l2vsd_core.generate import GenerateError
+    from l2vsd_core.scene.field import SolidBackground
+
+    background = SolidBackground((1.0, 0.5, 0.0)).train()
+    dirs = torch.randn(2, 4, 4, 3)
+    assert torch.equal(background(dirs, generator=torch.Generator()), torch.tensor([1.0, 0.5, 0.0]).expand(2, 4, 4, 3))
+    assert background.parameter_groups() == [] and not list(background.parameters())
+    out = tmp_path / "white"
+    generate(_options(prior_dir, out, method="sds", steps=2, background_color=[1.0, 1.0, 1.0], threshold=1e9),
+             log=lambda m: None)
+    corner = Image.open(out / "turntable.gif").convert("RGB").getpixel((0, 0))
+    assert corner == (255, 255, 255)
+    result = generate(_options(prior_dir, out, method="sds", steps=3, background_color=[1.0, 1.0, 1.0],
+                               threshold=1e9, resume=True), log=lambda m: None)
+    assert result["step"] == 3
+    with pytest.raises(GenerateError, match="--background-color must be three numbers"):
+        generate(_options(prior_dir, tmp_path / "bad", background_color=[1.0, 2.0, 0.0]), log=lambda m: None)
+    with pytest.raises(ValueError, match="three numbers in \\[0, 1\\]"):
+        SolidBackground((0.5, 0.5))

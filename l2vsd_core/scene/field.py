@@ -371,3 +371,24 @@ class EnvironmentBackground(nn.Module):
 
     def parameter_groups(self, lr: float = 0.001) -> list[dict]:
         return [{"params": list(self.network.parameters()), "lr": lr, "name": "background"}]
+
+
+class SolidBackground(nn.Module):
+    """One fixed colour behind the object (threestudio's ``solid-color-background`` with ``learned: false``), for a
+    prior that only ever saw one background — the toy world's white.  No parameters: nothing to learn, and no
+    random colour augmentation, which would show such a prior backgrounds it does not know."""
+
+    def __init__(self, color=(1.0, 1.0, 1.0)):
+        super().__init__()
+        color = torch.as_tensor(color, dtype=torch.float32).flatten()
+        if color.shape != (3,) or not bool(((color >= 0) & (color <= 1)).all()):
+            raise ValueError(f"background color must be three numbers in [0, 1] (R, G, B); got {color.tolist()}")
+        self.register_buffer("color", color)
+
+    def forward(self, dirs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if dirs.shape[-1] != 3:
+            raise ValueError(f"dirs must have shape [..., 3], got {tuple(dirs.shape)}")
+        return self.color.to(dirs).expand(dirs.shape)
+
+    def parameter_groups(self, lr: float = 0.001) -> list[dict]:
+        return []
