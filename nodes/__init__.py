@@ -18,6 +18,7 @@ if _PACK_ROOT not in sys.path:
 from .export_node import ExportMesh  # noqa: E402
 from .model_nodes import AttachLoRAScore, LoadPrior  # noqa: E402
 from .optimize_node import L2VSDOptimize  # noqa: E402
+from .refine_nodes import RefineGeometry, RefineTexture  # noqa: E402
 from .scene_nodes import InitNeRF  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {
@@ -25,6 +26,8 @@ NODE_CLASS_MAPPINGS = {
     "AttachLoRAScore": AttachLoRAScore,
     "InitNeRF": InitNeRF,
     "L2VSDOptimize": L2VSDOptimize,
+    "RefineGeometry": RefineGeometry,
+    "RefineTexture": RefineTexture,
     "ExportMesh": ExportMesh,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,5 +35,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AttachLoRAScore": "L2VSD Attach LoRA Score",
     "InitNeRF": "L2VSD Init NeRF",
     "L2VSDOptimize": "L2VSD Optimize",
+    "RefineGeometry": "L2VSD Refine Geometry",
+    "RefineTexture": "L2VSD Refine Texture",
     "ExportMesh": "L2VSD Export Mesh",
 }

@@ -5,6 +5,7 @@ pack must stay importable (cheaply, without torch) where ComfyUI is absent.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 CATEGORY_ROOT = "L2VSD"
@@ -17,6 +18,7 @@ CATEGORY_EXPORT = f"{CATEGORY_ROOT}/export"
 PRIOR_TYPE = "L2VSD_PRIOR"
 SCORE_TYPE = "L2VSD_SCORE"
 SCENE_TYPE = "L2VSD_SCENE"
+MESH_TYPE = "L2VSD_MESH"
 
 
 def input_error(name: str, problem: str, fix: str) -> ValueError:
@@ -44,6 +46,49 @@ def relative_subpath(name: str, value: str, what: str) -> str:
         if ".." in path.parts:
             raise input_error(name, f"{text!r} contains '..'", fix)
     return PurePosixPath(*PureWindowsPath(text).parts).as_posix()
+
+
+def check_sockets(**sockets) -> None:
+    """``name=(value, expected class, node to connect)``: an input error for the first socket of another type."""
+    for name, (value, kind, source) in sockets.items():
+        if not isinstance(value, kind):
+            raise input_error(name, f"got {type(value).__name__}", f"connect the output of a {source} node")
+
+
+def check_prompt(prompt: str) -> None:
+    if not str(prompt).strip():
+        raise input_error("prompt", "is empty", "describe the object to generate, e.g. 'a red cube'")
+
+
+@contextmanager
+def eval_mode(*modules):
+    """The torch modules among ``modules`` in evaluation mode for the block, then back to their own modes (node
+    inputs are cached by ComfyUI and shared: they are left as they came)."""
+    import torch
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    was_training = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in zip(modules, was_training):
+            module.train(training)
+
+
+def on_device(module, device):
+    """``module`` if it already lives on ``device``, else a copy moved there (``.to`` would move a cached input)."""
+    import copy
+
+    import torch
+    try:
+        current = next(module.parameters()).device
+    except StopIteration:
+        return module
+    device = torch.device(device)
+    if current.type == device.type and (device.index is None or current.index == device.index):
+        return module  # "cuda" is whichever GPU the module is on
+    return copy.deepcopy(module).to(device)
 
 
 def output_directory() -> Path:
@@ -81,28 +126,22 @@ def to_pil(image):
 
 
 def render_orbit(renderer, field, background, views: int, resolution: int, elevation: float, distance: float,
-                 fovy: float):
-    """``views`` evenly spaced turntable renders [views, H, W, 3] of the scene (evaluation mode, no gradients)."""
+                 fovy: float, output: str = "rgb", device=None):
+    """``views`` evenly spaced turntable renders [views, H, W, 3] (evaluation mode, no gradients) with anything that
+    has the volume renderer's ``render_camera`` (a ``VolumeRenderer``, or a ``MeshRenderer`` bound to a mesh, whose
+    ``field`` may then be None for a normal map: ``output="comp_normal"``)."""
     import torch
     from l2vsd_core.scene.cameras import CameraBatch, orbit_cameras
 
-    device = next(field.parameters()).device
+    device = device if device is not None else next(field.parameters()).device
     cameras = orbit_cameras(views, elevation_deg=elevation, distance=distance, fovy_deg=fovy, width=resolution,
                             height=resolution, device=device)
-    modules = [m for m in (field, background, renderer) if m is not None]
-    was_training = [m.training for m in modules]
-    for module in modules:
-        module.eval()
     frames = []
-    try:
-        with torch.no_grad():
-            for i in range(views):  # one view at a time keeps memory bounded
-                camera = CameraBatch(*(t[i:i + 1] for t in (cameras.c2w, cameras.position, cameras.elevation_deg,
-                                                            cameras.azimuth_deg, cameras.distance, cameras.fovy_deg)),
-                                     cameras.width, cameras.height)
-                out = renderer.render_camera(camera, field, background, stratified=False)
-                frames.append(out["rgb"][0].float().clamp(0, 1).cpu())
-    finally:
-        for module, training in zip(modules, was_training):
-            module.train(training)
+    with eval_mode(field, background, renderer), torch.no_grad():
+        for i in range(views):  # one view at a time keeps memory bounded
+            camera = CameraBatch(*(t[i:i + 1] for t in (cameras.c2w, cameras.position, cameras.elevation_deg,
+                                                        cameras.azimuth_deg, cameras.distance, cameras.fovy_deg)),
+                                 cameras.width, cameras.height)
+            out = renderer.render_camera(camera, field, background, stratified=False)
+            frames.append(out[output][0].float().clamp(0, 1).cpu())
     return to_image_batch(frames)

@@ -1,12 +1,13 @@
-"""ExportMesh: iso-surface → decimation → UV atlas and baked texture → GLB/OBJ/PLY in ComfyUI's output folder, plus a
-turntable. The returned path is relative to the output folder: what ComfyUI's core Preview3D node takes."""
+"""ExportMesh: a stage-1 scene (iso-surface → decimation) or a refined mesh (decimation) → UV atlas and baked texture
+→ GLB/OBJ/PLY in ComfyUI's output folder, plus a turntable. The returned path is relative to the output folder: what
+ComfyUI's core Preview3D node takes."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from .common import CATEGORY_EXPORT, SCENE_TYPE, input_error, output_directory, relative_subpath
-from .scene_nodes import Scene
+from .common import CATEGORY_EXPORT, MESH_TYPE, SCENE_TYPE, eval_mode, input_error, output_directory, relative_subpath
+from .scene_nodes import RefinedMesh, Scene
 
 FORMATS = ("glb", "obj", "ply")
 TURNTABLE_ELEVATION, TURNTABLE_DISTANCE, TURNTABLE_FOVY = 15.0, 1.5, 70.0  # the optimizer's preview camera
@@ -27,18 +28,35 @@ def parse_threshold(text: str):
     return value
 
 
+def _source(scene, mesh):
+    """The one connected input: a stage-1 Scene or a RefinedMesh (ComfyUI allows one type per socket, hence two
+    optional sockets)."""
+    if scene is None and mesh is None:
+        raise input_error("scene", "neither scene nor mesh is connected",
+                          "connect one of them: a scene from L2VSD Optimize, or a mesh from L2VSD Refine Geometry "
+                          "or L2VSD Refine Texture")
+    if scene is not None and mesh is not None:
+        raise input_error("mesh", "both scene and mesh are connected",
+                          "connect only one of them: the mesh of a refine node, or a stage-1 scene")
+    if scene is not None and not isinstance(scene, Scene):
+        raise input_error("scene", f"got {type(scene).__name__}", "connect the output of an L2VSD Optimize node")
+    if mesh is not None and not isinstance(mesh, RefinedMesh):
+        raise input_error("mesh", f"got {type(mesh).__name__}",
+                          "connect the output of an L2VSD Refine Geometry or Refine Texture node")
+    return scene if scene is not None else mesh
+
+
 class ExportMesh:
-    """Turn an optimized scene into a textured mesh file and a turntable."""
+    """Turn an optimized scene or a refined mesh into a textured mesh file and a turntable."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "scene": (SCENE_TYPE, {"tooltip": "The optimized scene from L2VSD Optimize."}),
             "mesh_resolution": ("INT", {"default": 128, "min": 8, "max": 1024,
-                                        "tooltip": "Marching-cubes grid size (toy demo: 64)."}),
+                                        "tooltip": "Marching-cubes grid size (scene only; toy demo: 64)."}),
             "threshold": ("STRING", {"default": "auto",
-                                     "tooltip": "Density level of the surface: 'auto' (mean of the non-empty "
-                                                "densities, threestudio's rule) or a number."}),
+                                     "tooltip": "Density level of the surface (scene only): 'auto' (mean of the "
+                                                "non-empty densities, threestudio's rule) or a number."}),
             "max_faces": ("INT", {"default": 200000, "min": 4, "max": 10000000,
                                   "tooltip": "Decimate the surface to at most this many faces before UV "
                                              "unwrapping."}),
@@ -55,6 +73,11 @@ class ExportMesh:
                                                    "mesh)."}),
             "turntable_resolution": ("INT", {"default": 128, "min": 8, "max": 1024,
                                              "tooltip": "Width = height of the turntable frames."}),
+        }, "optional": {
+            "scene": (SCENE_TYPE, {"tooltip": "A stage-1 scene from L2VSD Optimize: its iso-surface is exported. "
+                                              "Connect this or mesh, not both."}),
+            "mesh": (MESH_TYPE, {"tooltip": "A refined mesh from L2VSD Refine Geometry (stage-1 colours) or L2VSD "
+                                            "Refine Texture (its texture). Connect this or scene, not both."}),
         }}
 
     RETURN_TYPES = ("STRING", "IMAGE", "MESH")
@@ -62,51 +85,71 @@ class ExportMesh:
     OUTPUT_NODE = True  # writes files: worth running even when nothing is connected to its outputs
     FUNCTION = "export"
     CATEGORY = CATEGORY_EXPORT
-    DESCRIPTION = ("Extracts a textured mesh from the scene and saves it under the output folder; wire model_file "
-                   "into Preview3D (newer ComfyUI) to view it, or mesh (geometry only) into SaveGLB.")
+    DESCRIPTION = ("Saves a textured mesh of a stage-1 scene or of a refined mesh under the output folder; wire "
+                   "model_file into Preview3D (newer ComfyUI) to view it, or mesh (geometry only) into SaveGLB.")
 
-    def export(self, scene, mesh_resolution, threshold, max_faces, texture_size, format, filename_prefix,
-               turntable_views, turntable_resolution):
-        if not isinstance(scene, Scene):
-            raise input_error("scene", f"got {type(scene).__name__}", "connect the output of an L2VSD Optimize node")
+    def export(self, mesh_resolution, threshold, max_faces, texture_size, format, filename_prefix,
+               turntable_views, turntable_resolution, scene=None, mesh=None):
+        source = _source(scene, mesh)
         if format not in FORMATS:
             raise input_error("format", f"{format!r} is not an option", f"pick one of {', '.join(FORMATS)}")
         level = parse_threshold(threshold)
         prefix = relative_subpath("filename_prefix", filename_prefix, "prefix")
         mesh_path, turntable_path = _counter_paths(prefix, format)
+        turntable = dict(n_views=int(turntable_views), resolution=int(turntable_resolution),
+                         elevation_deg=TURNTABLE_ELEVATION, distance=TURNTABLE_DISTANCE, fovy_deg=TURNTABLE_FOVY)
 
         import torch
-        from l2vsd_core.export import bake_texture, decimate, extract_mesh, save_mesh, turntable_gif
-
-        field, background, renderer = scene.field, scene.background, scene.make_renderer()
-        was_training = [m.training for m in (field, background, renderer)]
-        for module in (field, background, renderer):
-            module.eval()
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                try:
-                    mesh = extract_mesh(field, resolution=int(mesh_resolution), threshold=level)
-                except ValueError as e:
-                    if "no surface" not in str(e):
-                        raise
-                    raise input_error("threshold", str(e), "use 'auto' or a lower density, or optimize longer") \
-                        from e
-                if len(mesh.faces) > max_faces:
-                    mesh = decimate(mesh, int(max_faces))
-                mesh = bake_texture(mesh, field, texture_size=int(texture_size))
-                save_mesh(mesh, mesh_path, format=format, field=field)
-                turntable_gif(renderer, field, background, turntable_path, n_views=int(turntable_views),
-                              resolution=int(turntable_resolution), elevation_deg=TURNTABLE_ELEVATION,
-                              distance=TURNTABLE_DISTANCE, fovy_deg=TURNTABLE_FOVY)
-        finally:
-            for module, training in zip((field, background, renderer), was_training):
-                module.train(training)
+        with torch.inference_mode(False), torch.no_grad():
+            if isinstance(source, Scene):
+                saved = _export_scene(source, mesh_path, turntable_path, int(mesh_resolution), level,
+                                      int(max_faces), int(texture_size), format, turntable)
+            else:
+                saved = _export_refined(source, mesh_path, turntable_path, int(max_faces), int(texture_size),
+                                        turntable)
 
         relative = mesh_path.relative_to(output_directory()).as_posix()
-        print(f"[L2VSD] mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces → {mesh_path}")
+        print(f"[L2VSD] mesh: {len(saved.vertices)} vertices, {len(saved.faces)} faces → {mesh_path}")
         ui = {"l2vsd_mesh": [{"filename": mesh_path.name, "subfolder": str(Path(relative).parent.as_posix()),
-                              "type": "output", "vertices": len(mesh.vertices), "faces": len(mesh.faces)}]}
-        return {"ui": ui, "result": (relative, _gif_frames(turntable_path), CoreMesh.of(mesh))}
+                              "type": "output", "vertices": len(saved.vertices), "faces": len(saved.faces)}]}
+        return {"ui": ui, "result": (relative, _gif_frames(turntable_path), CoreMesh.of(saved))}
+
+
+def _export_scene(scene: Scene, mesh_path: Path, turntable_path: Path, mesh_resolution: int, level, max_faces: int,
+                  texture_size: int, format: str, turntable: dict):
+    """Stage 1: iso-surface of the density, decimated, UV-unwrapped and baked from the field."""
+    from l2vsd_core.export import bake_texture, decimate, extract_mesh, save_mesh, turntable_gif
+
+    field, background, renderer = scene.field, scene.background, scene.make_renderer()
+    with eval_mode(field, background, renderer):
+        try:
+            mesh = extract_mesh(field, resolution=mesh_resolution, threshold=level)
+        except ValueError as e:
+            if "no surface" not in str(e):
+                raise
+            raise input_error("threshold", str(e), "use 'auto' or a lower density, or optimize longer") from e
+        if len(mesh.faces) > max_faces:
+            mesh = decimate(mesh, max_faces)
+        mesh = bake_texture(mesh, field, texture_size=texture_size)
+        save_mesh(mesh, mesh_path, format=format, field=field)
+        turntable_gif(renderer, field, background, turntable_path, **turntable)
+    return mesh
+
+
+def _export_refined(refined: RefinedMesh, mesh_path: Path, turntable_path: Path, max_faces: int, texture_size: int,
+                    turntable: dict):
+    """Stages 2 and 3: the refined mesh, decimated, UV-unwrapped and baked from its colour field (the format follows
+    the path's suffix)."""
+    from l2vsd_core.export import turntable_gif
+    from l2vsd_core.mesh.mesh_renderer import MeshRenderer
+    from l2vsd_core.mesh.refine import save_textured_mesh
+
+    with eval_mode(refined.color, refined.background):
+        mesh, _ = save_textured_mesh(refined.mesh, refined.color, mesh_path, texture_size=texture_size,
+                                     max_faces=max_faces)
+        turntable_gif(MeshRenderer().bind(refined.mesh), refined.color, refined.background, turntable_path,
+                      **turntable)
+    return mesh
 
 
 class CoreMesh:

@@ -2,18 +2,16 @@
 and checkpoint/resume. The loop itself is ``l2vsd_core.optimize.Stage1Optimizer``; this module only wires it up."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .common import (CATEGORY_OPTIMIZE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, input_error, output_directory,
-                     relative_subpath, render_orbit, temp_directory, to_image_batch, to_pil)
+from .common import (CATEGORY_OPTIMIZE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_prompt, check_sockets, input_error,
+                     render_orbit)
 from .model_nodes import LoadedPrior, ScoreSettings
+from .runs import (CHECKPOINT_FILE, CURVES_FILE, curves_image, make_lora, remove_lora, resume_from, run_folder,
+                   run_info, run_with_progress)
 from .scene_nodes import Scene
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
-CURVES_FILE = "curves.json"
 ORBIT_VIEWS = 8
-PREVIEW_SIZE = 256  # the server scales progress previews to fit this size (up, too: toy renders are 32 wide)
 ADAPTER_NAME = "l2vsd"  # fixed: a checkpoint's LoRA weights are stored under names that contain it
 
 
@@ -73,13 +71,11 @@ class L2VSDOptimize:
     def optimize(self, prior, score, scene, prompt, negative_prompt, steps, resolution, guidance_scale,
                  lr_encoding, lr_network, lr_background, seed, checkpoint_every, preview_every, resume,
                  checkpoint_folder):
-        _check_sockets(prior, score, scene)
-        if not str(prompt).strip():
-            raise input_error("prompt", "is empty", "describe the object to generate, e.g. 'a red cube'")
-        run_dir = output_directory() / relative_subpath("checkpoint_folder", checkpoint_folder, "folder name")
+        check_sockets(prior=(prior, LoadedPrior, "LoadPrior"), score=(score, ScoreSettings, "AttachLoRAScore"),
+                      scene=(scene, Scene, "InitNeRF"))
+        check_prompt(prompt)
+        run_dir = run_folder(checkpoint_folder)
         checkpoint = run_dir / CHECKPOINT_FILE
-        if run_dir.exists() and not run_dir.is_dir():
-            raise input_error("checkpoint_folder", f"{run_dir} is a file", "pick another folder name")
 
         import torch
         with torch.inference_mode(False), torch.enable_grad():
@@ -87,17 +83,7 @@ class L2VSDOptimize:
                        guidance_scale=float(guidance_scale), lrs=(lr_encoding, lr_network, lr_background),
                        seed=int(seed), checkpoint_every=int(checkpoint_every), preview_every=int(preview_every))
             result = run.execute(prompt, negative_prompt, resume=bool(resume))
-        ui = {"l2vsd_run": [{"start_step": run.start_step, "step": run.step, "steps": int(steps),
-                             "checkpoint": str(checkpoint.relative_to(output_directory()).as_posix())}]}
-        return {"ui": ui, "result": result}
-
-
-def _check_sockets(prior, score, scene) -> None:
-    for name, value, kind, source in (("prior", prior, LoadedPrior, "LoadPrior"),
-                                      ("score", score, ScoreSettings, "AttachLoRAScore"),
-                                      ("scene", scene, Scene, "InitNeRF")):
-        if not isinstance(value, kind):
-            raise input_error(name, f"got {type(value).__name__}", f"connect the output of a {source} node")
+        return {"ui": run_info(run.start_step, run.step, int(steps), checkpoint), "result": result}
 
 
 class _Run:
@@ -130,22 +116,13 @@ class _Run:
         self.start_step = self.step = 0
 
     def _build(self, prompt: str, negative_prompt: str):
-        import torch
         from l2vsd_core.optimize import Stage1Optimizer
         from l2vsd_core.prompts import PromptProcessor
 
         prompts = PromptProcessor(self.prior.encode_text, prompt, negative_prompt=negative_prompt)
         self.lora_unet, lora = None, None
         if self.config.distill.needs_trainable_score:
-            from l2vsd_core.score import LoRAScore
-            s = self.settings
-            base = s.base.load_again() if s.separate_base else self.prior
-            self.lora_unet = base.unet
-            with torch.random.fork_rng(devices=[]):  # peft initialises the LoRA from the global RNG
-                torch.manual_seed(self.config.seed)
-                lora = LoRAScore(base.unet, base.alphas_cumprod, base.prediction_type, rank=s.rank,
-                                 lr=s.lora_lr, camera_dropout=s.camera_dropout, seed=self.config.seed,
-                                 adapter_name=ADAPTER_NAME)
+            lora, self.lora_unet = make_lora(self.settings, self.prior, self.config.seed, ADAPTER_NAME)
         device = self.prior.device
         field, background = self.scene.field.to(device), self.scene.background.to(device)
         renderer = self.scene.renderer if self.scene.renderer is not None else self.config.make_renderer()
@@ -153,97 +130,26 @@ class _Run:
         self.scene.field, self.scene.background, self.scene.renderer = field, background, renderer
         return Stage1Optimizer(self.prior, lora, prompts, field, background, renderer, self.config)
 
-    def _remove_lora(self) -> None:
-        # The shared base is the cached prior's own UNet: take our adapter off so the next run starts clean.
-        if self.lora_unet is not None and ADAPTER_NAME in (getattr(self.lora_unet, "peft_config", None) or {}):
-            self.lora_unet.delete_adapters(ADAPTER_NAME)
-        # The LoRA, its optimizer state and the activations are gone: give the blocks back to other nodes.
-        import comfy.model_management as model_management
-        model_management.soft_empty_cache()
-
     def execute(self, prompt: str, negative_prompt: str, resume: bool):
-        import comfy.model_management as model_management
-        import comfy.utils
-
         self.lora_unet = None
         try:
             optimizer = self._build(prompt, negative_prompt)
-            history = self._resume(optimizer) if resume else []
+            curves = self.run_dir / CURVES_FILE
+            history = resume_from(optimizer, self.checkpoint, curves) if resume else []
             self.start_step = optimizer.global_step
-            bar = comfy.utils.ProgressBar(self.config.steps)
-            bar.update_absolute(self.start_step, self.config.steps)
-            interrupted = []
-
-            def should_stop() -> bool:
-                try:
-                    model_management.throw_exception_if_processing_interrupted()
-                except model_management.InterruptProcessingException as e:
-                    interrupted.append(e)  # re-raised once the loop has written the checkpoint
-                    return True
-                return False
-
-            def callback(done, terms, preview):
-                history.append({"done": done, **{k: v for k, v in terms.items() if isinstance(v, float)}})
-                image = None if preview is None else ("JPEG", to_pil(preview), PREVIEW_SIZE)
-                bar.update_absolute(done, self.config.steps, image)
-
             try:
-                optimizer.run(callback=callback, should_stop=should_stop)
-            except (KeyboardInterrupt, model_management.InterruptProcessingException):
-                # ComfyUI's progress hook raises the interrupt itself, from the loop's callback, i.e. after a
-                # complete step: checkpoint that step so that a resumed run continues from it.
-                optimizer.save_checkpoint(self.checkpoint)
-                raise
+                run_with_progress(optimizer, self.config.steps, self.checkpoint, curves, history)
             finally:
                 self.step = optimizer.global_step
-                _write_json(self.run_dir / CURVES_FILE, history)
-            if interrupted:
-                raise interrupted[0]
-            return self._outputs(optimizer, prompt, history)
+            return self._outputs(optimizer, prompt, negative_prompt, history)
         finally:
-            self._remove_lora()
+            remove_lora(self.lora_unet, ADAPTER_NAME)
 
-    def _resume(self, optimizer) -> list:
-        """Restore the checkpoint, if there is one (resume on a first run simply starts from the scene)."""
-        if not self.checkpoint.is_file():
-            print(f"[L2VSD] resume: no checkpoint at {self.checkpoint} yet; starting from the input scene")
-            return []
-        try:
-            meta = optimizer.load_checkpoint(self.checkpoint)
-        except ValueError as e:
-            raise input_error("resume", str(e), "set the same settings as the checkpointed run, or turn resume off "
-                                                "(or pick another checkpoint_folder) to start over") from e
-        print(f"[L2VSD] resumed from {self.checkpoint} at step {meta['step']}")
-        curves = self.run_dir / CURVES_FILE
-        try:
-            return [t for t in json.loads(curves.read_text()) if t.get("done", 0) <= optimizer.global_step]
-        except (OSError, ValueError, TypeError, AttributeError):
-            return []  # the curves are a convenience; a run resumes without them
-
-    def _outputs(self, optimizer, prompt: str, history: list):
-        from l2vsd_core.generate import write_curves
-
+    def _outputs(self, optimizer, prompt: str, negative_prompt: str, history: list):
         cfg = self.config
         scene = self.scene
         scene.steps_done = scene.steps_done + optimizer.global_step - self.start_step
-        scene.prompt, scene.history = prompt, history
+        scene.prompt, scene.negative_prompt, scene.history = prompt, negative_prompt, history
         orbit = render_orbit(scene.renderer, scene.field, scene.background, ORBIT_VIEWS, cfg.preview_resolution,
                              cfg.preview_elevation, cfg.preview_distance, cfg.preview_fovy)
-        plot = write_curves(history, _unique_temp_file("l2vsd_curves", ".png"))
-        from PIL import Image
-        with Image.open(plot) as image:
-            curves = to_image_batch([image])
-        return (scene, orbit, curves)
-
-
-def _write_json(path: Path, data) -> None:
-    from l2vsd_core.files import atomic_write_text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data))
-
-
-def _unique_temp_file(stem: str, suffix: str) -> Path:
-    import uuid
-    folder = temp_directory()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{stem}_{uuid.uuid4().hex[:12]}{suffix}"
+        return (scene, orbit, curves_image(history))

@@ -1,4 +1,5 @@
-"""InitNeRF: a fresh stage-1 scene (hash-grid NeRF field + environment background) and the scene socket type."""
+"""InitNeRF: a fresh stage-1 scene (hash-grid NeRF field + environment background); the scene and mesh socket
+types."""
 from __future__ import annotations
 
 import copy
@@ -37,6 +38,7 @@ class Scene:
     steps_done: int = 0
     prompt: str = ""
     history: list = field(default_factory=list)  # loss terms per step, for the curves
+    negative_prompt: str = ""
 
     def copy(self) -> "Scene":
         return replace(self, field=copy.deepcopy(self.field), background=copy.deepcopy(self.background),
@@ -50,17 +52,37 @@ class Scene:
         return VolumeRenderer(radius=self.settings.radius, num_samples_per_ray=self.settings.samples_per_ray)
 
 
-def build_scene(settings: SceneSettings) -> Scene:
-    import torch
-    from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
+@dataclass
+class RefinedMesh:
+    """What an L2VSD_MESH socket carries: the refined mesh and what colours it. ComfyUI caches node outputs and may
+    hand one to several nodes, so nodes never change one in place (RefineTexture makes a new one)."""
+    mesh: object                   # l2vsd_core.mesh.dmtet.TriangleMesh, detached, on the prior's device
+    color: object                  # the colour field: stage 1's (after RefineGeometry) or a TextureField
+    background: Optional[object]   # drawn behind it in turntables: stage 1's, or the texture stage's own
+    settings: SceneSettings        # the stage-1 scene's: radius and hash grid of the texture stage's field
+    stage: str                     # "geometry" or "texture"
+    prompt: str = ""               # the prompts it was refined with (the next stage's default)
+    negative_prompt: str = ""
+    history: list = field(default_factory=list)
+
+
+def hashgrid_config(settings: SceneSettings):
+    """The hash grid of ``settings`` (also the texture stage's colour field's, as in threestudio)."""
     from l2vsd_core.scene.hashgrid import HashGridConfig
 
     # The hash grid takes the growth factor between levels; users think in the finest resolution (tcnn's and
     # threestudio's convention), so convert, as the CLI does.
     ratio = max(settings.max_resolution / settings.base_resolution, 1.0)
     per_level_scale = 1.0 if settings.levels == 1 else math.exp(math.log(ratio) / (settings.levels - 1))
-    grid = HashGridConfig(n_levels=settings.levels, log2_hashmap_size=settings.log2_hashmap_size,
+    return HashGridConfig(n_levels=settings.levels, log2_hashmap_size=settings.log2_hashmap_size,
                           base_resolution=settings.base_resolution, per_level_scale=per_level_scale)
+
+
+def build_scene(settings: SceneSettings) -> Scene:
+    import torch
+    from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
+
+    grid = hashgrid_config(settings)
     # Stage 1 uses no normals (ProlificDreamer); the background is seeded apart from the field, as in the CLI.
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these weights will be trained
         field_ = ImplicitVolume(FieldConfig(radius=settings.radius, hashgrid=grid, backend=settings.backend,

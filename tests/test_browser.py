@@ -114,9 +114,10 @@ def workflow_nodes() -> list:
     return json.loads(UI_WORKFLOW.read_text())["nodes"]
 
 
-@pytest.mark.parametrize("name", ["sd21_stage1", "sd21_l2esd"])
-def test_stable_diffusion_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
-    """The SD workflows cannot run here (no weights): loaded into the real frontend, they must find every node."""
+@pytest.mark.parametrize("name", ["sd21_stage1", "sd21_l2esd", "toy_three_stage", "sd21_three_stage"])
+def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
+    """Loaded into the real frontend (not run: the SD workflows have no weights here, the toy three-stage one runs in
+    tests/test_comfy_server.py), every node is found, and the frontend turns the graph into its API twin."""
     chromium, node = browser_tools()
     if comfy_host.name != HOST_2024:
         status, _ = comfy_host.post("/settings/Comfy.TutorialCompleted", True)
@@ -131,6 +132,9 @@ def test_stable_diffusion_workflows_load_without_missing_nodes(comfy_host, tmp_p
     assert found["control"]["shown"] and not found["missing"]["shown"], found["missing"]
     assert sorted(found["loadedTypes"]) == sorted(n["type"] for n in json.loads(source.read_text())["nodes"])
     assert not found["pageErrors"], found["pageErrors"]
+    api = json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
+    queued = {node_id: (node["class_type"], node["inputs"]) for node_id, node in found["apiPrompt"].items()}
+    assert queued == {node_id: (node["class_type"], node["inputs"]) for node_id, node in api.items()}
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000
     if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(screenshot, DOCS_SCREENSHOT.parent / f"{name}.png")

@@ -1,5 +1,6 @@
-"""Integration: the bundled toy workflow through a real ComfyUI server: the 2024 host of ``tests/comfy_host.py``,
-and also a current ComfyUI when ``COMFYUI_DIR`` names its source tree (each test runs once per host).
+"""Integration: the bundled toy workflows (stage 1, and the three stages) through a real ComfyUI server: the 2024 host
+of ``tests/comfy_host.py``, and also a current ComfyUI when ``COMFYUI_DIR`` names its source tree (each test runs
+once per host).
 
 Nothing of ``comfy`` is stubbed: the server loads the pack from ``custom_nodes/``, validates the API-format graph,
 runs it on the CPU and reports over HTTP and its websocket, as it does for a user.
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from comfy_host import HOST_2024
+
 # the session fixture comfy_host, registered once as a plugin: test modules that import it each get their own
 # fixture, hence their own servers
 pytest_plugins = ["comfy_host"]
@@ -22,9 +25,12 @@ aiohttp = pytest.importorskip("aiohttp")
 ROOT = Path(__file__).resolve().parents[1]
 API_WORKFLOW = ROOT / "workflows" / "toy_demo.api.json"
 UI_WORKFLOW = ROOT / "workflows" / "toy_demo.json"
+THREE_STAGE_API = ROOT / "workflows" / "toy_three_stage.api.json"
 NODES = {"LoadPrior": "L2VSD_PRIOR", "AttachLoRAScore": "L2VSD_SCORE", "InitNeRF": "L2VSD_SCENE",
-         "L2VSDOptimize": "L2VSD_SCENE", "ExportMesh": "STRING"}
+         "L2VSDOptimize": "L2VSD_SCENE", "RefineGeometry": "L2VSD_MESH", "RefineTexture": "L2VSD_MESH",
+         "ExportMesh": "STRING"}
 OPTIMIZE, EXPORT = "4", "5"  # node ids in the bundled workflow
+GEOMETRY, TEXTURE, EXPORT3 = "5", "6", "7"  # node ids in the three-stage workflow (1-4 as in the stage-1 one)
 RUN_TIMEOUT_S = 120
 
 
@@ -38,10 +44,24 @@ def tiny_graph(steps: int = 4, **optimize_inputs) -> dict:
     return graph
 
 
-async def _run(host, graph: dict, interrupt_at_step: int | None = None) -> dict:
+def tiny_three_stage(folder: str = "l2vsd/three", geometry=None, texture=None) -> dict:
+    """The three-stage toy API workflow with CPU-test sizes: 4 steps per stage at 32 px, a 16³ DMTet, previews every
+    2 steps, a small texture and turntable; ``geometry`` / ``texture``: more inputs of those nodes."""
+    graph = json.loads(THREE_STAGE_API.read_text())
+    graph[OPTIMIZE]["inputs"].update(steps=4, preview_every=2, checkpoint_folder=folder)
+    graph[GEOMETRY]["inputs"].update({"steps": 4, "resolution": 32, "dmtet_resolution": 16, "preview_every": 2,
+                                      "checkpoint_folder": folder, **(geometry or {})})
+    graph[TEXTURE]["inputs"].update({"steps": 4, "resolution": 32, "preview_every": 2, "checkpoint_folder": folder,
+                                     **(texture or {})})
+    graph[EXPORT3]["inputs"].update(texture_size=64, turntable_views=4, turntable_resolution=32,
+                                    filename_prefix="3d/three")
+    return graph
+
+
+async def _run(host, graph: dict, interrupt_at_step: int | None = None, interrupt_node: str = OPTIMIZE) -> dict:
     """POST the graph and follow the websocket until it ends; returns the prompt id, its events (type, data) and
-    the number of binary preview frames. With ``interrupt_at_step``, POST /interrupt once the optimizer reports
-    that many steps."""
+    the number of binary preview frames. With ``interrupt_at_step``, POST /interrupt once ``interrupt_node`` (the
+    optimizer by default) reports that many steps."""
     events, previews, interrupted = [], 0, False
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(host.ws_url) as ws:
@@ -61,7 +81,7 @@ async def _run(host, graph: dict, interrupt_at_step: int | None = None) -> dict:
                     continue
                 events.append((kind, data))
                 if (kind == "progress" and interrupt_at_step is not None and not interrupted
-                        and data.get("node") == OPTIMIZE and data["value"] >= interrupt_at_step):
+                        and data.get("node") == interrupt_node and data["value"] >= interrupt_at_step):
                     interrupted = True
                     async with session.post(host.url + "/interrupt") as r:
                         assert r.status == 200
@@ -93,10 +113,18 @@ def test_object_info_lists_the_nodes_with_tooltips(comfy_host):
         assert node["category"].startswith("L2VSD/")
         assert node["output"][0] == first_output
         assert node["display_name"].startswith("L2VSD ")
-        for input_name, spec in node["input"]["required"].items():
+        for input_name, spec in {**node["input"]["required"], **node["input"].get("optional", {})}.items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert info["L2VSDOptimize"]["output"] == ["L2VSD_SCENE", "IMAGE", "IMAGE"]
+    assert info["RefineGeometry"]["output"] == info["RefineTexture"]["output"] == ["L2VSD_MESH", "IMAGE", "IMAGE"]
+    assert info["RefineGeometry"]["input"]["required"]["scene"][0] == "L2VSD_SCENE"
+    assert info["RefineTexture"]["input"]["required"]["mesh"][0] == "L2VSD_MESH"
     assert info["ExportMesh"]["output"] == ["STRING", "IMAGE", "MESH"]
+    # one socket type each: a stage-1 scene or a refined mesh, both optional (exactly one is checked at run time)
+    export_optional = info["ExportMesh"]["input"]["optional"]
+    assert (export_optional["scene"][0], export_optional["mesh"][0]) == ("L2VSD_SCENE", "L2VSD_MESH")
+    assert info["RefineGeometry"]["input"]["required"]["method"][1]["default"] == "sds"
+    assert info["RefineGeometry"]["input"]["required"]["guidance_scale"][1]["default"] == 100.0
     optimize_inputs = info["L2VSDOptimize"]["input"]["required"]
     assert optimize_inputs["resume"][0] == "BOOLEAN" and optimize_inputs["steps"][1]["min"] == 1
     assert info["ExportMesh"]["input"]["required"]["filename_prefix"][1]["default"] == "3d/l2vsd"
@@ -115,8 +143,11 @@ def test_bundled_workflows_use_the_pack_nodes():
     api_types = sorted(node["class_type"] for node in api.values())
     ui_types = sorted(node["type"] for node in ui["nodes"])
     assert api_types == ui_types
-    assert set(NODES) <= set(api_types)
+    assert set(NODES) - {"RefineGeometry", "RefineTexture"} <= set(api_types)
     assert "Preview3D" not in api_types  # absent from the 2024 host; see the workflow's note
+    three = json.loads(THREE_STAGE_API.read_text())
+    assert set(NODES) <= {node["class_type"] for node in three.values()}
+    assert three[EXPORT3]["inputs"]["mesh"] == [TEXTURE, 0] and "scene" not in three[EXPORT3]["inputs"]
 
 
 def test_toy_workflow_runs_and_writes_a_textured_glb(comfy_host):
@@ -143,11 +174,128 @@ def test_toy_workflow_runs_and_writes_a_textured_glb(comfy_host):
     assert json.loads(checkpoint.read_text())["step"] == 4
 
 
+def _images(outputs, node_id) -> int:
+    return len(outputs[node_id]["images"])
+
+
+def test_three_stage_workflow_runs_and_writes_a_textured_glb(comfy_host):
+    """Stage 1 → Refine Geometry → Refine Texture → Export Mesh (its mesh input): each optimizing node reports
+    progress with previews, writes its own checkpoint into the shared folder, and the GLB carries the texture."""
+    import trimesh
+
+    result = run(comfy_host, tiny_three_stage())
+    kinds = _kinds(result)
+    assert "execution_error" not in kinds, result["events"][-1]
+    for node in (OPTIMIZE, GEOMETRY, TEXTURE):
+        progress = _progress(result, node)
+        assert progress[0] == (0, 4) and progress[-1] == (4, 4), (node, progress)
+    assert result["previews"] >= 6  # every 2 steps in each of the three optimizing nodes
+    history = comfy_host.get(f"/history/{result['prompt_id']}")[result["prompt_id"]]
+    assert history["status"]["status_str"] == "success"
+    outputs = history["outputs"]
+    geometry_run = outputs[GEOMETRY]["l2vsd_run"][0]
+    assert geometry_run["step"] == 4 and geometry_run["faces"] > 100
+    assert geometry_run["checkpoint"] == "l2vsd/three/geometry.safetensors"
+    assert outputs[TEXTURE]["l2vsd_run"][0]["step"] == 4
+    for node_id, count in (("8", 8), ("9", 8), ("10", 8), ("11", 4)):  # stage 1, normals, texture, turntable
+        assert _images(outputs, node_id) == count, node_id
+    mesh_info = outputs[EXPORT3]["l2vsd_mesh"][0]
+    glb = comfy_host.output_dir / mesh_info["subfolder"] / mesh_info["filename"]
+    assert glb.is_file() and glb.name.startswith("three_") and glb.with_suffix(".gif").is_file()
+    mesh = trimesh.load(glb, force="mesh")
+    assert len(mesh.faces) == mesh_info["faces"] > 100
+    assert mesh.visual.material.baseColorTexture is not None
+    assert mesh.visual.uv is not None and len(mesh.visual.uv) == len(mesh.vertices)
+    folder = comfy_host.output_dir / "l2vsd/three"
+    for name in ("checkpoint", "geometry", "texture"):  # three stages, one folder, no file shared
+        assert json.loads((folder / f"{name}.safetensors.json").read_text())["step"] == 4, name
+    texture_meta = json.loads((folder / "texture.safetensors.json").read_text())
+    assert texture_meta["stage"] == "texture" and texture_meta["config"]["distill"]["method"] == "l2vsd"
+    geometry_meta = json.loads((folder / "geometry.safetensors.json").read_text())
+    assert geometry_meta["config"]["distill"]["method"] == "sds"
+    assert geometry_meta["config"]["distill"]["guidance_scale"] == 100.0
+    assert [t["done"] for t in json.loads((folder / "texture_curves.json").read_text())] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("node", [GEOMETRY, TEXTURE])
+def test_interrupting_a_refine_stage_writes_its_checkpoint_and_resume_continues(comfy_host, node):
+    """Cancel inside Refine Geometry / Refine Texture: execution_interrupted, that stage's checkpoint at the step
+    reached; queued again with resume on, the stage's progress bar starts there and ends at the new step count."""
+    folder = f"l2vsd/interrupt_{node}"
+    stage = {GEOMETRY: "geometry", TEXTURE: "texture"}[node]
+    many = {"steps": 200, "checkpoint_every": 0}
+
+    def graph(**inputs):
+        return tiny_three_stage(folder, **{stage: inputs})
+
+    result = run(comfy_host, graph(**many), interrupt_at_step=2, interrupt_node=node)
+    assert "execution_interrupted" in _kinds(result), _kinds(result)
+    sidecar = comfy_host.output_dir / folder / f"{stage}.safetensors.json"
+    stopped_at = json.loads(sidecar.read_text())["step"]
+    assert 2 <= stopped_at < 200
+
+    resumed = run(comfy_host, graph(steps=stopped_at + 2, checkpoint_every=0, resume=True))
+    assert "execution_error" not in _kinds(resumed), resumed["events"][-1]
+    progress = _progress(resumed, node)
+    assert progress[0][0] == stopped_at and progress[-1] == (stopped_at + 2, stopped_at + 2), progress
+    outputs = comfy_host.get(f"/history/{resumed['prompt_id']}")[resumed["prompt_id"]]["outputs"]
+    assert outputs[node]["l2vsd_run"][0]["start_step"] == stopped_at
+    assert json.loads(sidecar.read_text())["step"] == stopped_at + 2
+    assert outputs[EXPORT3]["l2vsd_mesh"][0]["faces"] > 0
+
+
+def test_export_mesh_bakes_stage1_colours_onto_a_geometry_only_result(comfy_host):
+    """Refine Geometry's mesh straight into Export Mesh (no texture stage): the GLB is the refined surface textured
+    by the stage-1 field, which the mesh socket carries."""
+    import numpy as np
+    import trimesh
+
+    graph = {k: v for k, v in tiny_three_stage("l2vsd/geometry_only").items() if k not in (TEXTURE, "10")}
+    graph[EXPORT3]["inputs"].update(mesh=[GEOMETRY, 0], filename_prefix="3d/geometry_only")
+    result = run(comfy_host, graph)
+    assert "execution_error" not in _kinds(result), result["events"][-1]
+    outputs = comfy_host.get(f"/history/{result['prompt_id']}")[result["prompt_id"]]["outputs"]
+    mesh_info = outputs[EXPORT3]["l2vsd_mesh"][0]
+    mesh = trimesh.load(comfy_host.output_dir / mesh_info["subfolder"] / mesh_info["filename"], force="mesh")
+    assert len(mesh.faces) == outputs[GEOMETRY]["l2vsd_run"][0]["faces"] == mesh_info["faces"]
+    texture = mesh.visual.material.baseColorTexture
+    assert texture is not None
+    assert np.unique(np.asarray(texture.convert("RGB")).reshape(-1, 3), axis=0).shape[0] > 1  # a bake, not a fill
+
+
+def test_export_mesh_with_neither_input_is_named(comfy_host):
+    graph = {"1": {"class_type": "ExportMesh", "inputs": {
+        "mesh_resolution": 32, "threshold": "auto", "max_faces": 1000, "texture_size": 64, "format": "glb",
+        "filename_prefix": "3d/none", "turntable_views": 1, "turntable_resolution": 16}}}
+    result = run(comfy_host, graph)
+    errors = [data for kind, data in result["events"] if kind == "execution_error"]
+    assert errors and errors[0]["node_id"] == "1", _kinds(result)
+    assert "neither scene nor mesh" in errors[0]["exception_message"]
+
+
 def test_input_below_its_minimum_is_rejected_with_node_errors(comfy_host):
-    status, body = comfy_host.post("/prompt", {"prompt": tiny_graph(steps=0), "client_id": comfy_host.client_id})
+    graph = tiny_graph(steps=0)
+    # only the outputs fed by Optimize's required sockets (see the next test for the one behind ExportMesh)
+    graph = {k: v for k, v in graph.items() if k not in (EXPORT, "8")}
+    status, body = comfy_host.post("/prompt", {"prompt": graph, "client_id": comfy_host.client_id})
     assert status == 400
     assert OPTIMIZE in body["node_errors"]
     assert "steps" in json.dumps(body["node_errors"][OPTIMIZE])
+
+
+def test_an_input_below_its_minimum_behind_export_mesh_is_named(comfy_host):
+    """ExportMesh's sockets are optional (a scene or a mesh). A current ComfyUI validates optional inputs too and
+    refuses the graph; the 2024 host validates only required inputs, so it accepts the export branch and the run
+    stops at Optimize with an error naming the input."""
+    graph = {k: v for k, v in tiny_graph(steps=0).items() if k in ("1", "2", "3", OPTIMIZE, EXPORT)}
+    if comfy_host.name != HOST_2024:
+        status, body = comfy_host.post("/prompt", {"prompt": graph, "client_id": comfy_host.client_id})
+        assert status == 400 and "steps" in json.dumps(body["node_errors"][OPTIMIZE])
+        return
+    result = run(comfy_host, graph)
+    errors = [data for kind, data in result["events"] if kind == "execution_error"]
+    assert errors and errors[0]["node_id"] == OPTIMIZE, _kinds(result)
+    assert "steps" in errors[0]["exception_message"]
 
 
 def test_node_error_names_the_input_and_the_server_keeps_serving(comfy_host):
@@ -219,11 +367,15 @@ def test_every_bundled_workflow_matches_the_installed_nodes(comfy_host, name):
         assert node.get("widgets_values", []) == widgets, (name, node["type"])
     graph = {k: v for k, v in api.items()}
     graph["4"] = dict(graph["4"], inputs=dict(graph["4"]["inputs"], steps=0))  # never run: refused at validation
+    # ExportMesh's sockets are optional and the 2024 host validates only required inputs, so it would take the export
+    # branch as valid and run it: refuse ExportMesh itself too, so that no output is left to run on any host
+    export = next(nid for nid, node in api.items() if node["class_type"] == "ExportMesh")
+    graph[export] = dict(graph[export], inputs=dict(graph[export]["inputs"], turntable_views=0))
     status, body = comfy_host.post("/prompt", {"prompt": graph, "client_id": comfy_host.client_id})
     assert status == 400
     errors = {(nid, e["extra_info"]["input_name"]) for nid, info in body["node_errors"].items()
               for e in info["errors"]}
-    expected = {("4", "steps")}
+    expected = {("4", "steps"), (export, "turntable_views")}
     if api["1"]["inputs"]["source"].startswith("checkpoints/"):
         expected.add(("1", "source"))  # no SD checkpoint in this host's models/checkpoints
     assert errors == expected, body["node_errors"]

@@ -109,6 +109,8 @@ async function main() {
     await page.waitForTimeout(500);
     findings.missing = await page.evaluate(missingNodesShown, MISSING_TEXTS);
     findings.loadedTypes = await page.evaluate(() => window.app.graph._nodes.map((n) => n.type));
+    // What the frontend would queue for it (API format), to compare with the workflow's API twin.
+    findings.apiPrompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
 
     if (args.queue !== "no") {
     const before = new Set(Object.keys(await page.evaluate(() => fetch("/history").then((r) => r.json()))));

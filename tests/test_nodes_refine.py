@@ -1,0 +1,156 @@
+"""The refine nodes and ExportMesh's two inputs, without a ComfyUI host: input declarations (tooltips, defaults that
+are the library's recipe), the bundled three-stage workflows' settings, and the input errors a node raises before it
+touches ComfyUI (wrong or missing sockets, bad choices). Running them on a real server: tests/test_comfy_server.py."""
+import json
+from pathlib import Path
+
+import pytest
+
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from nodes.common import MESH_TYPE, SCENE_TYPE
+from nodes.export_node import ExportMesh
+from nodes.model_nodes import METHODS, LoadedPrior, ScoreSettings
+from nodes.refine_nodes import FROM_SCORE, RefineGeometry, RefineTexture
+from nodes.scene_nodes import RefinedMesh, Scene
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORT_WIDGETS = dict(mesh_resolution=32, threshold="auto", max_faces=1000, texture_size=64, format="glb",
+                      filename_prefix="3d/x", turntable_views=1, turntable_resolution=16)
+
+
+def _prior():
+    return LoadedPrior(prior=object(), source="toy", device="cpu", dtype="auto")
+
+
+def _score(method="l2vsd"):
+    return ScoreSettings(method=method, rank=4, lora_lr=1e-3, separate_base=False, camera_dropout=0.1, eta=0.01,
+                         jvp_mode="auto", esd_lambda=0.0, guidance_scale=7.5)
+
+
+def _scene():
+    return Scene(settings=None, field=None, background=None, prompt="a red cube")
+
+
+def _mesh():
+    return RefinedMesh(mesh=None, color=None, background=None, settings=None, stage="geometry", prompt="a red cube")
+
+
+def _defaults(node) -> dict:
+    spec = node.INPUT_TYPES()["required"]
+    return {name: s[1]["default"] for name, s in spec.items() if len(s) > 1 and "default" in s[1]}
+
+
+def test_registered_with_display_names_and_tooltips():
+    for name in ("RefineGeometry", "RefineTexture"):
+        assert NODE_CLASS_MAPPINGS[name].RETURN_TYPES == (MESH_TYPE, "IMAGE", "IMAGE")
+        assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("L2VSD Refine ")
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        spec = node.INPUT_TYPES()
+        for input_name, s in {**spec["required"], **spec.get("optional", {})}.items():
+            assert s[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    export = ExportMesh.INPUT_TYPES()
+    assert "scene" not in export["required"]
+    assert {k: v[0] for k, v in export["optional"].items()} == {"scene": SCENE_TYPE, "mesh": MESH_TYPE}
+
+
+def test_defaults_are_the_library_recipes():
+    from l2vsd_core.mesh.refine import GeometryConfig, TextureConfig
+
+    g, t = GeometryConfig(), TextureConfig()
+    geometry = _defaults(RefineGeometry)
+    assert (geometry["method"], geometry["guidance_scale"]) == (g.distill.method, g.distill.guidance_scale)
+    assert (geometry["steps"], geometry["resolution"], geometry["dmtet_resolution"], geometry["learning_rate"]) == \
+        (g.steps, g.resolution, g.dmtet_resolution, g.lr)
+    assert (geometry["lambda_normal_consistency"], geometry["lambda_laplacian_smoothness"]) == \
+        (g.lambda_normal_consistency, g.lambda_laplacian_smoothness)
+    texture = _defaults(RefineTexture)
+    assert (texture["steps"], texture["resolution"]) == (t.steps, t.resolution)
+    assert (texture["lr_encoding"], texture["lr_network"], texture["lr_background"]) == \
+        (t.lr_encoding, t.lr_network, t.lr_background)
+    assert texture["method"] == FROM_SCORE and texture["guidance_scale"] == -1.0  # the score's (7.5 by default)
+    assert RefineTexture.INPUT_TYPES()["required"]["method"][0] == [FROM_SCORE, *METHODS]
+
+
+def test_sd21_three_stage_has_prolificdreamers_settings():
+    api = json.loads((ROOT / "workflows" / "sd21_three_stage.api.json").read_text())
+    by_class = {node["class_type"]: node["inputs"] for node in api.values()}
+    geometry, texture, score = by_class["RefineGeometry"], by_class["RefineTexture"], by_class["AttachLoRAScore"]
+    assert (geometry["resolution"], geometry["steps"], geometry["method"], geometry["guidance_scale"]) == \
+        (512, 15000, "sds", 100.0)
+    assert (texture["resolution"], texture["steps"], texture["guidance_scale"]) == (512, 30000, -1.0)
+    assert texture["method"] == FROM_SCORE and score["method"] in ("vsd", "l2vsd") and score["guidance_scale"] == 7.5
+    assert by_class["ExportMesh"]["mesh"] == [next(k for k, n in api.items() if n["class_type"] == "RefineTexture"), 0]
+    toy = json.loads((ROOT / "workflows" / "toy_three_stage.api.json").read_text())
+    assert {n["class_type"] for n in toy.values()} == {n["class_type"] for n in api.values()}
+    assert next(n for n in toy.values() if n["class_type"] == "LoadPrior")["inputs"]["source"].startswith("bundled")
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({}, "input 'scene': neither scene nor mesh is connected"),
+    ({"scene": _scene(), "mesh": _mesh()}, "input 'mesh': both scene and mesh are connected"),
+    ({"scene": _mesh()}, "input 'scene': got RefinedMesh; connect the output of an L2VSD Optimize node"),
+    ({"mesh": _scene()}, "input 'mesh': got Scene; connect the output of an L2VSD Refine Geometry or Refine"),
+])
+def test_export_mesh_needs_exactly_one_of_scene_and_mesh(inputs, message):
+    with pytest.raises(ValueError) as error:
+        ExportMesh().export(**EXPORT_WIDGETS, **inputs)
+    assert str(error.value).startswith(message)
+
+
+def _geometry_inputs(**changes):
+    inputs = dict(prior=_prior(), score=_score(), scene=_scene(), **_defaults(RefineGeometry))
+    inputs.update(changes)
+    return inputs
+
+
+def _texture_inputs(**changes):
+    inputs = dict(prior=_prior(), score=_score(), mesh=_mesh(), **_defaults(RefineTexture))
+    inputs.update(changes)
+    return inputs
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"scene": _mesh()}, "input 'scene': got RefinedMesh; connect the output of a L2VSD Optimize node"),
+    ({"prior": _score()}, "input 'prior': got ScoreSettings; connect the output of a LoadPrior node"),
+    ({"score": _prior()}, "input 'score': got LoadedPrior"),
+    ({"method": "esd"}, "input 'method': 'esd' is not an option"),
+    ({"threshold": "dense"}, "input 'threshold': 'dense' is neither 'auto' nor a number"),
+])
+def test_refine_geometry_names_the_bad_input(changes, message):
+    with pytest.raises(ValueError) as error:
+        RefineGeometry().refine(**_geometry_inputs(**changes))
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mesh": _scene()}, "input 'mesh': got Scene; connect the output of a L2VSD Refine Geometry node"),
+    ({"score": None}, "input 'score': got NoneType; connect the output of a AttachLoRAScore node"),
+    ({"method": "score"}, "input 'method': 'score' is not an option"),
+])
+def test_refine_texture_names_the_bad_input(changes, message):
+    with pytest.raises(ValueError) as error:
+        RefineTexture().refine(**_texture_inputs(**changes))
+    assert str(error.value).startswith(message)
+
+
+def test_every_refine_input_is_an_argument_of_its_function():
+    """ComfyUI calls FUNCTION with every input by name: the signatures and the declarations must agree."""
+    import inspect
+    for node in (RefineGeometry, RefineTexture, ExportMesh):
+        spec = node.INPUT_TYPES()
+        declared = [*spec["required"], *spec.get("optional", {})]
+        params = list(inspect.signature(getattr(node, node.FUNCTION)).parameters)[1:]
+        assert params == declared, node.__name__
+
+
+def test_cached_inputs_are_neither_moved_nor_left_in_another_mode():
+    """Node inputs are ComfyUI's cached outputs, shared with other nodes: a module already on the device is used as
+    it is (no copy), and eval_mode gives back each module's own mode."""
+    import torch
+    from nodes.common import eval_mode, on_device
+
+    field, background = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).eval()
+    assert on_device(field, "cpu") is field and on_device(field, torch.device("cpu")) is field
+    with eval_mode(field, background, None):
+        assert not field.training and not background.training
+    assert field.training and not background.training
