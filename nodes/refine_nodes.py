@@ -11,7 +11,7 @@ from .common import (CATEGORY_OPTIMIZE, MESH_TYPE, PRIOR_TYPE, SCENE_TYPE, SCORE
 from .export_node import parse_threshold
 from .model_nodes import METHODS, LoadedPrior, ScoreSettings
 from .runs import curves_image, make_lora, remove_lora, resume_from, run_folder, run_info, run_with_progress
-from .scene_nodes import RefinedMesh, Scene, hashgrid_config
+from .scene_nodes import RefinedMesh, Scene, hashgrid_config, make_background
 
 ORBIT_VIEWS = 8
 PREVIEW_LIMIT = 256  # previews and orbit renders at the training resolution, at most this (progress previews: 256)
@@ -244,7 +244,6 @@ class RefineTexture:
 
         import torch
         from l2vsd_core.mesh.refine import TextureConfig, TextureField, TextureRefiner
-        from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground
 
         method = score.method if method == FROM_SCORE else method
         guidance = score.guidance_scale if guidance_scale < 0 else guidance_scale
@@ -263,7 +262,7 @@ class RefineTexture:
                                      mlp_neurons=settings.mlp_neurons, seed=config.seed + 2).to(device)
             except ImportError as e:  # tcnn asked for in InitNeRF but not importable here
                 raise input_error("mesh", str(e), "pick the 'torch' or 'auto' backend in Init NeRF") from e
-            background = EnvironmentBackground(BackgroundConfig(), seed=config.seed + 3).to(device)
+            background = make_background(settings, config.seed + 3).to(device)
             lora, unet = (make_lora(score, prior.prior, config.seed, TEXTURE_ADAPTER)
                           if config.distill.needs_trainable_score else (None, None))
             try:

@@ -10,6 +10,9 @@ from typing import Optional
 from .common import CATEGORY_SCENE, SCENE_TYPE, check_choice, input_error
 
 BACKENDS = ("auto", "torch", "tcnn")
+# "learned": ProlificDreamer's environment map with random solid-colour augmentation; a colour: fixed, for a prior
+# that only knows one background (the bundled toy prior: white)
+BACKGROUNDS = {"learned": None, "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,15 @@ class SceneSettings:
     radius: float
     seed: int
     backend: str
+    background: str = "learned"
+
+
+def make_background(settings: SceneSettings, seed: int):
+    """A fresh background of the kind ``settings`` names (stage 1's, and the texture stage's own)."""
+    from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, SolidBackground
+
+    color = BACKGROUNDS[settings.background]
+    return EnvironmentBackground(BackgroundConfig(), seed=seed) if color is None else SolidBackground(color)
 
 
 @dataclass
@@ -33,7 +45,7 @@ class Scene:
     nodes, so nodes never change one in place: L2VSDOptimize trains a copy (:meth:`copy`) and returns that."""
     settings: SceneSettings
     field: object                     # l2vsd_core.scene.field.ImplicitVolume
-    background: object                # l2vsd_core.scene.field.EnvironmentBackground
+    background: object                # l2vsd_core.scene.field.EnvironmentBackground or SolidBackground
     renderer: Optional[object] = None  # VolumeRenderer with its occupancy grid, once optimized
     steps_done: int = 0
     prompt: str = ""
@@ -80,14 +92,14 @@ def hashgrid_config(settings: SceneSettings):
 
 def build_scene(settings: SceneSettings) -> Scene:
     import torch
-    from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
+    from l2vsd_core.scene.field import FieldConfig, ImplicitVolume
 
     grid = hashgrid_config(settings)
     # Stage 1 uses no normals (ProlificDreamer); the background is seeded apart from the field, as in the CLI.
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these weights will be trained
         field_ = ImplicitVolume(FieldConfig(radius=settings.radius, hashgrid=grid, backend=settings.backend,
                                             mlp_neurons=settings.mlp_neurons, normal_type=None), seed=settings.seed)
-        background = EnvironmentBackground(BackgroundConfig(), seed=settings.seed + 1)
+        background = make_background(settings, settings.seed + 1)
     return Scene(settings=settings, field=field_, background=background)
 
 
@@ -119,17 +131,23 @@ class InitNeRF:
             "backend": (list(BACKENDS), {"default": "auto",
                                          "tooltip": "Hash-grid implementation: tcnn (tiny-cuda-nn, CUDA only), "
                                                     "torch (anywhere), auto = tcnn when installed."}),
+            "background": (list(BACKGROUNDS), {"default": "learned",
+                                               "tooltip": "learned: ProlificDreamer's environment map, randomly "
+                                                          "recoloured half the time (for Stable Diffusion). white / "
+                                                          "black: a fixed colour, for a prior that knows only that "
+                                                          "background (the bundled toy prior: white)."}),
         }}
 
     RETURN_TYPES = (SCENE_TYPE,)
     RETURN_NAMES = ("scene",)
     FUNCTION = "init"
     CATEGORY = CATEGORY_SCENE
-    DESCRIPTION = "Creates an untrained stage-1 NeRF scene (hash-grid field and environment background)."
+    DESCRIPTION = "Creates an untrained stage-1 NeRF scene (hash-grid field and background)."
 
     def init(self, levels, log2_hashmap_size, base_resolution, max_resolution, mlp_neurons, samples_per_ray,
-             grid_resolution, radius, seed, backend):
+             grid_resolution, radius, seed, backend, background="learned"):
         check_choice("backend", backend, BACKENDS)
+        check_choice("background", background, tuple(BACKGROUNDS))
         if max_resolution < base_resolution:
             raise input_error("max_resolution", f"{max_resolution} is below base_resolution {base_resolution}",
                               "make max_resolution >= base_resolution")
@@ -137,7 +155,7 @@ class InitNeRF:
                                  base_resolution=int(base_resolution), max_resolution=float(max_resolution),
                                  mlp_neurons=int(mlp_neurons), samples_per_ray=int(samples_per_ray),
                                  grid_resolution=int(grid_resolution), radius=float(radius), seed=int(seed),
-                                 backend=backend)
+                                 backend=backend, background=background)
         try:
             return (build_scene(settings),)
         except ImportError as e:  # tcnn asked for but not installed

@@ -154,3 +154,23 @@ def test_cached_inputs_are_neither_moved_nor_left_in_another_mode():
     with eval_mode(field, background, None):
         assert not field.training and not background.training
     assert field.training and not background.training
+
+
+def test_init_nerf_background_choice():
+    """InitNeRF's background: the learned environment map by default (Stable Diffusion), a fixed colour for a prior
+    that knows one background; the toy workflows pick white, the SD ones the learned map; a bad name is refused."""
+    import torch
+    from l2vsd_core.scene.field import EnvironmentBackground, SolidBackground
+    from nodes.scene_nodes import InitNeRF
+
+    small = dict(levels=2, log2_hashmap_size=10, base_resolution=4, max_resolution=16, mlp_neurons=8,
+                 samples_per_ray=8, grid_resolution=8, radius=1.0, seed=0, backend="torch")
+    assert isinstance(InitNeRF().init(**small)[0].background, EnvironmentBackground)
+    scene = InitNeRF().init(**small, background="white")[0]
+    assert isinstance(scene.background, SolidBackground) and scene.settings.background == "white"
+    assert torch.equal(scene.background(torch.randn(5, 3)), torch.ones(5, 3))
+    with pytest.raises(Exception, match="background"):
+        InitNeRF().init(**small, background="plaid")
+    for path in sorted((ROOT / "workflows").glob("*.api.json")):
+        inits = [n for n in json.loads(path.read_text()).values() if n["class_type"] == "InitNeRF"]
+        assert [n["inputs"]["background"] for n in inits] == ["white" if path.name.startswith("toy") else "learned"]
