@@ -1,19 +1,31 @@
 """``bench quality`` end to end on the bundled toy prior (a few steps): the documented JSON, the summary's arithmetic,
-resuming from finished runs, and bad inputs named before anything runs."""
+resuming from finished runs, stages 2 and 3 continuing finished stage-1 runs (per-stage scores, nothing recomputed),
+and bad inputs named before anything runs."""
 import json
+import shutil
 
 import pytest
 
-from l2vsd_core.bench.quality import quality_table, read_prompts, run_quality_benchmark, summarize
+from l2vsd_core.bench.quality import metric_keys, quality_table, read_prompts, run_quality_benchmark, summarize
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
+# stages 2 and 3 at a few steps on tiny renders and a coarse DMTet: seconds, not minutes
+TINY_REFINE = {"geometry_steps": 2, "geometry_resolution": 16, "dmtet_resolution": 8, "texture_steps": 2,
+               "texture_resolution": 16}
 
-def test_quality_benchmark_rows_summary_and_resume(tmp_path):
-    out = tmp_path / "runs"
-    logs = []
+
+@pytest.fixture(scope="module")
+def stage1_runs(tmp_path_factory):
+    """A finished stage-1 benchmark (two runs), shared: stage-1 runs are the slow part."""
+    out = tmp_path_factory.mktemp("bench") / "runs"
     data = run_quality_benchmark(["a red cube"], ["sds", "l2vsd"], seeds=1, steps=3, out=out, reference_samples=8,
-                                 log=logs.append)
+                                 log=lambda message: None)
+    return out, data
+
+
+def test_quality_benchmark_rows_summary_and_resume(stage1_runs):
+    out, data = stage1_runs
     assert [(r["prompt"], r["method"], r["seed"]) for r in data["rows"]] == [("a red cube", "sds", 0),
                                                                             ("a red cube", "l2vsd", 0)]
     for row in data["rows"]:
@@ -22,10 +34,79 @@ def test_quality_benchmark_rows_summary_and_resume(tmp_path):
     assert data["summary"]["sds"]["means"]["iou"] == pytest.approx(data["rows"][0]["iou"])
     assert (out / "a_red_cube" / "l2vsd" / "seed0" / "model.glb").is_file()
     again = run_quality_benchmark(["a red cube"], ["sds", "l2vsd"], seeds=1, steps=3, out=out, reference_samples=8,
-                                  log=logs.append)  # every run is finished: read back, nothing re-run
+                                  log=lambda message: None)  # every run is finished: read back, nothing re-run
     assert again["rows"] == data["rows"]
     assert "| l2vsd |" in quality_table(again)
     json.dumps(again)  # the JSON the CLI writes
+
+
+def test_stages_continue_finished_runs_and_resume(stage1_runs, tmp_path, monkeypatch):
+    import l2vsd_core.generate as generate_module
+    from l2vsd_core.mesh.refine import GeometryRefiner, TextureRefiner
+    from l2vsd_core.optimize import Stage1Optimizer
+
+    out = tmp_path / "runs"
+    shutil.copytree(stage1_runs[0], out)  # the stage-1 runs of the fixture, finished; theirs stay as they are
+    stage1_row = next(r for r in stage1_runs[1]["rows"] if r["method"] == "l2vsd")
+    calls, steps = [], []  # generate's stages per call; (that call's stages, loop) per optimization step
+    real_generate = generate_module.generate
+
+    def counted_generate(options, **kw):
+        calls.append(options["stages"])
+        return real_generate(options, **kw)
+    monkeypatch.setattr(generate_module, "generate", counted_generate)
+    for loop in (Stage1Optimizer, GeometryRefiner, TextureRefiner):
+        def counted(self, _step=loop.step, _name=loop.__name__):
+            steps.append((calls[-1], _name))
+            return _step(self)
+        monkeypatch.setattr(loop, "step", counted)
+
+    logs = []
+    data = run_quality_benchmark(["a red cube"], ["l2vsd"], seeds=1, steps=3, out=out, reference_samples=8,
+                                 log=logs.append, stages=3, refine_options=TINY_REFINE)
+    assert calls == [2, 3]  # stage 1 was finished: only stages 2 and 3 ran ...
+    assert sorted(set(steps)) == [(2, "GeometryRefiner"), (3, "TextureRefiner")]  # ... each optimized once
+    assert steps.count((2, "GeometryRefiner")) == 2 and steps.count((3, "TextureRefiner")) == 2
+    [row] = data["rows"]
+    assert list(row) == ["prompt", "method", "seed", *metric_keys(3)]
+    assert {k: row[k] for k in ("fidelity", "frechet", "iou", "seconds")} == {
+        k: stage1_row[k] for k in ("fidelity", "frechet", "iou", "seconds")}  # the stage-1 NeRF's, unchanged
+    for stage in (1, 2, 3):
+        assert 0 <= row[f"fidelity_s{stage}"] <= 1 and 0 <= row[f"iou_s{stage}"] <= 1 and row[f"frechet_s{stage}"] >= 0
+        assert (out / "a_red_cube" / "l2vsd" / "seed0" / f"model_s{stage}.glb").is_file()
+    assert row["seconds_s2"] > 0 and row["seconds_s3"] > 0
+    assert "1 NeRF: fidelity" in logs[-1] and "3 GLB (texture): fidelity" in logs[-1]
+    assert data["config"]["stages"] == 3 and data["config"]["refine_options"] == TINY_REFINE
+    assert data["summary"]["l2vsd"]["means"]["iou_s2"] == pytest.approx(row["iou_s2"])
+    table = quality_table(data)
+    assert "| l2vsd | 1 NeRF |" in table and "| l2vsd | 3 GLB (texture) |" in table and table.count("\n") == 5
+
+    calls.clear()
+    again = run_quality_benchmark(["a red cube"], ["l2vsd"], seeds=1, steps=3, out=out, reference_samples=8,
+                                  log=lambda message: None, stages=3, refine_options=TINY_REFINE)
+    assert calls == [] and again["rows"] == data["rows"]  # every stage finished: read back, nothing re-run
+    json.dumps(again)
+
+
+def test_refine_run_refuses_an_unfinished_stage_before(stage1_runs, tmp_path):
+    from l2vsd_core.toys.world.demo import refine_run
+    run_dir = tmp_path / "seed0"
+    shutil.copytree(stage1_runs[0] / "a_red_cube" / "l2vsd" / "seed0", run_dir)
+    with pytest.raises(ValueError, match="no finished stage 2"):
+        refine_run(run_dir, 3)
+    sidecar = run_dir / "checkpoint.safetensors.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "step": 1}))  # stopped after 1 of 3 steps
+    with pytest.raises(ValueError, match=r"stage 1 in .* is not finished \(step 1 of 3\)"):
+        refine_run(run_dir, 2)  # generate --resume would go on optimizing stage 1
+
+
+def test_toy_options_add_the_refinement_settings_only_for_later_stages():
+    from l2vsd_core.toys.world.demo import TOY_OPTIONS, TOY_REFINE_OPTIONS, toy_options
+    one = toy_options("a red cube", "l2vsd", "out/x")
+    three = toy_options("a red cube", "l2vsd", "out/x", stages=3, texture_steps=5)
+    assert one["stages"] == 1 and not set(TOY_REFINE_OPTIONS) & set(one)
+    assert three == {**one, **TOY_REFINE_OPTIONS, "stages": 3, "texture_steps": 5}  # stage 1 as with stages=1
+    assert all(one[k] == v for k, v in TOY_OPTIONS.items())
 
 
 def test_summary_means_and_stds():
@@ -40,6 +121,8 @@ def test_bad_inputs_are_named_before_anything_runs(tmp_path):
         run_quality_benchmark(["a delicious hamburger"], ["vsd"], out=tmp_path)
     with pytest.raises(ValueError, match="method must be one of"):
         run_quality_benchmark(["a red cube"], ["l3vsd"], out=tmp_path)
+    with pytest.raises(ValueError, match="stages must be 1, 2 or 3"):
+        run_quality_benchmark(["a red cube"], ["vsd"], out=tmp_path, stages=4)
     empty = tmp_path / "prompts.txt"
     empty.write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="no prompts"):

@@ -1,11 +1,15 @@
-"""The toy world's scores of a 3D model: prompt parsing, the Fréchet distance against its closed form, and the
-metrics on ground-truth objects rendered by the stage-1 volume renderer (right object high, wrong object low)."""
+"""The toy world's scores of a 3D model: prompt parsing, the Fréchet distance against its closed form, the metrics on
+ground-truth objects rendered by the stage-1 volume renderer (right object high, wrong object low), and the same
+scores of an exported GLB (its UV convention, and agreement with the field it was exported from)."""
+import numpy as np
 import pytest
 import torch
 
+from l2vsd_core.scene.cameras import orbit_cameras
 from l2vsd_core.scene.renderer import VolumeRenderer
-from l2vsd_core.toys.world.metrics import (GroundTruthField, frechet_distance, orbit, parse_prompt, prompt_fidelity,
-                                           render_model, silhouette_iou)
+from l2vsd_core.toys.world.metrics import (GroundTruthField, frechet_distance, load_glb, orbit, parse_prompt,
+                                           prompt_fidelity, render_mesh, render_model, score_glb, score_model,
+                                           silhouette_iou)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,3 +56,77 @@ def test_silhouette_iou_prefers_the_right_shape(renders):
         assert silhouette_iou(opacity, cams, shape) > 0.8
         assert silhouette_iou(opacity, cams, shape) > silhouette_iou(opacity, cams, other) + 0.1, (shape, other)
     assert silhouette_iou(torch.zeros(8, 32, 32), cams, "cube") == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ exported GLBs
+def test_glb_texture_lands_where_the_uvs_say(tmp_path):
+    """A quad facing the front camera, its texture's quadrants red / green (top row of the image) and blue / yellow:
+    the render must show them in the same places, through save_mesh's glTF (v down) and trimesh's uv (v up)."""
+    import trimesh
+    from PIL import Image
+    from l2vsd_core.export import save_mesh
+
+    half = 0.3  # the front camera (azimuth 0) sits on +x with z up, so image right is +y
+    corners = np.array([[0, -half, -half], [0, half, -half], [0, half, half], [0, -half, half]], float)
+    uv = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], float)  # OpenGL's: (0, 0) bottom-left
+    quadrants = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], np.uint8)  # row 0 = top
+    image = Image.fromarray(quadrants).resize((16, 16), Image.NEAREST)
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=image, baseColorFactor=[255, 255, 255, 255])
+    quad = trimesh.Trimesh(corners, [[0, 1, 2], [0, 2, 3]], process=False,
+                           visual=trimesh.visual.TextureVisuals(uv=uv, material=material))
+    path = save_mesh(quad, tmp_path / "quad.glb")
+    front = orbit_cameras(1, 0.0, 1.25, 55.0, 32, 32, start_azimuth_deg=0.0)
+    rgb, opacity = render_mesh(load_glb(path), front)
+    expected = {(10, 10): (1, 0, 0), (10, 21): (0, 1, 0), (21, 10): (0, 0, 1), (21, 21): (1, 1, 0)}
+    for (row, col), colour in expected.items():
+        assert torch.allclose(rgb[0, :, row, col], torch.tensor(colour, dtype=torch.float32), atol=1e-3), (row, col)
+    assert opacity[0, 16, 16] == 1 and opacity[0, 1, 1] == 0 and torch.equal(rgb[0, :, 1, 1], torch.ones(3))
+
+
+@pytest.fixture(scope="module")
+def true_glbs(tmp_path_factory):
+    """GLBs of ground-truth objects, made as a run's stage-1 export is (isosurface, xatlas, baked texture)."""
+    from l2vsd_core.export import bake_texture, extract_mesh, save_mesh
+    folder = tmp_path_factory.mktemp("glb")
+    paths = {}
+    for shape, color in [("cube", "red"), ("torus", "green"), ("cube", "blue")]:
+        field = GroundTruthField(shape, color)
+        mesh = bake_texture(extract_mesh(field, resolution=64), field, texture_size=256)
+        paths[shape, color] = save_mesh(mesh, folder / f"{color}_{shape}.glb")
+    return paths
+
+
+def test_glb_of_the_true_object_scores_like_the_field(true_glbs):
+    renderer = VolumeRenderer(radius=1.0, num_samples_per_ray=64)
+    cams = orbit()
+    references = {}
+    for shape, color in [("cube", "red"), ("torus", "green")]:
+        field = GroundTruthField(shape, color)
+        # the reference "prior samples": the true object from another orbit, so its Fréchet distance is small
+        references[shape, color], _ = render_model(renderer, field, orbit_cameras(16, 30.0, 1.4, 50.0, 32, 32))
+        prompt = f"a {color} {shape}"
+        glb = score_glb(true_glbs[shape, color], prompt, None, reference=references[shape, color])
+        nerf = score_model(renderer, field, prompt, None, reference=references[shape, color])
+        assert glb.fidelity > 0.95 and glb.iou > 0.9, (prompt, glb)
+        assert abs(glb.fidelity - nerf.fidelity) < 0.02, (prompt, glb, nerf)
+        # the rasterized isosurface has the sharper silhouette (the volume renderer blurs edges a little)
+        assert abs(glb.iou - nerf.iou) < 0.1, (prompt, glb, nerf)
+        assert abs(glb.frechet - nerf.frechet) < 3.0, (prompt, glb, nerf)
+        # pixel for pixel the same colours where both cover: a flipped v would put other charts' shades there
+        rgb, opacity = render_mesh(load_glb(true_glbs[shape, color]), cams)
+        rgb_nerf, opacity_nerf = render_model(renderer, field, cams)
+        both = (opacity > 0.5) & (opacity_nerf > 0.5)
+        assert (rgb - rgb_nerf).abs().mean(1)[both].mean() < 0.05, prompt
+
+    red = score_glb(true_glbs["cube", "red"], "a red cube", None, reference=references["cube", "red"])
+    blue = score_glb(true_glbs["cube", "blue"], "a red cube", None, reference=references["cube", "red"])
+    assert blue.fidelity < 0.05 and blue.iou > 0.9  # the wrong colour, the right shape
+    assert blue.frechet > red.frechet + 10, (blue, red)
+
+
+def test_glb_without_a_texture_is_refused(tmp_path):
+    import trimesh
+    from l2vsd_core.export import save_mesh
+    path = save_mesh(trimesh.creation.box(extents=(0.5, 0.5, 0.5)), tmp_path / "plain.glb")
+    with pytest.raises(ValueError, match="no base-colour texture"):
+        load_glb(path)

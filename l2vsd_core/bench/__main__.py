@@ -1,5 +1,5 @@
 """``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]``, ``… render [--json F]`` and
-``… quality --prompts FILE [--methods …] [--seeds N] [--steps N] [--json F]``."""
+``… quality --prompts FILE [--methods …] [--seeds N] [--steps N] [--stages 1|2|3] [--json F]``."""
 from __future__ import annotations
 
 import argparse
@@ -28,13 +28,17 @@ def main(argv=None) -> int:
     render.add_argument("--backend", default="auto", help="hash grid: auto, torch or tcnn")
     render.add_argument("--rounds", type=int, default=5)
     render.add_argument("--json", help="write the results here")
-    quality = sub.add_parser("quality", help="stage 1 on the bundled toy prior per prompt × method × seed, scored "
-                                             "by prompt fidelity, Fréchet distance and silhouette IoU (resumable)")
+    quality = sub.add_parser("quality", help="stage 1 (to 3) on the bundled toy prior per prompt × method × seed, "
+                                             "scored by prompt fidelity, Fréchet distance and silhouette IoU "
+                                             "(resumable)")
     quality.add_argument("--prompts", required=True, help="a file with one world prompt per line ('a red cube')")
     quality.add_argument("--methods", default=None, help="comma-separated (default: sds,vsd,lvsd,l2vsd,l2vsd_last,"
                                                          "esd,l2esd; also hifa, hlvsd)")
     quality.add_argument("--seeds", type=int, default=3)
     quality.add_argument("--steps", type=int, default=None, help="stage-1 steps per run (default: the demo's)")
+    quality.add_argument("--stages", type=int, default=1, choices=(1, 2, 3),
+                         help="2: each run goes on through the geometry refinement, 3: and the texture one "
+                              "(the toy's TOY_REFINE_OPTIONS), each stage's GLB scored")
     quality.add_argument("--out", default="out/bench_quality", help="run folders (finished runs are reused)")
     quality.add_argument("--json", help="write the results here")
     quality.add_argument("--grid", help="also write a PNG of turntable frames per prompt and method (seed 0)")
@@ -49,7 +53,7 @@ def main(argv=None) -> int:
         def run():
             prompts = read_prompts(args.prompts)
             data = run_quality_benchmark(prompts, methods, args.seeds, args.steps, args.out,
-                                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                                         log=lambda m: print(m, file=sys.stderr, flush=True), stages=args.stages)
             if args.grid:
                 from .quality import picture_grid
                 picture_grid(args.out, prompts, methods, args.grid)

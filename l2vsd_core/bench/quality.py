@@ -1,8 +1,16 @@
 """Quality of each method on the toy world: stage 1 with the bundled prior for every prompt × method × seed, scored
 by prompt fidelity, Fréchet distance and silhouette IoU (``l2vsd_core.toys.world.metrics``).
 
-Resumable: each finished run leaves ``metrics.json`` in ``OUT/<prompt>/<method>/seed<k>`` and is not run again; the
-rows are collected from those files, so an interrupted benchmark continues where it stopped.
+With ``stages`` 2 or 3 each run then goes on in its folder through the geometry and the texture refinement
+(:func:`l2vsd_core.toys.world.demo.refine_run`, ``generate --resume``: the finished stage 1 is loaded, not
+re-optimized), and its row gets the scores of the GLB the user would get after each stage: ``fidelity_s<k>``,
+``frechet_s<k>``, ``iou_s<k>`` for k = 1 .. stages and ``seconds_s<k>`` for k ≥ 2.  The unsuffixed ``fidelity``,
+``frechet``, ``iou`` and ``seconds`` stay what they are with ``stages`` 1: the stage-1 NeRF, volume-rendered as it
+was optimized, and the time of stage 1 with its export.
+
+Resumable: each finished run leaves ``metrics.json`` (and ``seconds.json``) in ``OUT/<prompt>/<method>/seed<k>``
+and is not run again, nor is a finished stage; the rows are collected from those files, so an interrupted benchmark
+continues where it stopped.  Finished work is reused whatever the settings: use a new ``OUT`` to change them.
 """
 from __future__ import annotations
 
@@ -15,7 +23,18 @@ from typing import Callable, Optional, Sequence
 from ..files import atomic_write_text
 
 DEFAULT_METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "esd", "l2esd")
-METRICS = ("fidelity", "frechet", "iou", "seconds")
+SCORES = ("fidelity", "frechet", "iou")
+METRICS = SCORES + ("seconds",)
+STAGE_LABELS = {1: "1 GLB", 2: "2 GLB (geometry)", 3: "3 GLB (texture)"}
+
+
+def metric_keys(stages: int = 1) -> tuple[str, ...]:
+    """The metrics of a row: :data:`METRICS`, then with ``stages`` > 1 each stage's GLB scores (and time)."""
+    keys = list(METRICS)
+    if stages > 1:
+        for stage in range(1, stages + 1):
+            keys += [f"{name}_s{stage}" for name in SCORES] + ([f"seconds_s{stage}"] if stage > 1 else [])
+    return tuple(keys)
 
 
 def read_prompts(path) -> list[str]:
@@ -32,9 +51,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
                           steps: Optional[int] = None, out="out/bench_quality", reference_samples: int = 64,
-                          log: Callable[[str], None] = print) -> dict:
+                          log: Callable[[str], None] = print, stages: int = 1,
+                          refine_options: Optional[dict] = None) -> dict:
+    """Every prompt × method × seed on the toy prior, ``stages`` 1..3 each; returns ``{"config", "rows",
+    "summary"}``.  ``refine_options``: settings of stages 2 and 3 (default ``demo.TOY_REFINE_OPTIONS``)."""
     from ..prior import load_prior
     from ..toys.world import demo
     from ..toys.world.metrics import parse_prompt, prior_samples
@@ -46,7 +72,11 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
             raise ValueError(f"method must be one of {', '.join(demo.METHOD_PRESETS)}; got {method!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1; got {seeds}")
+    if stages not in (1, 2, 3):
+        raise ValueError(f"stages must be 1, 2 or 3; got {stages!r}")
+    refine_options = dict(demo.TOY_REFINE_OPTIONS if refine_options is None else refine_options)
     prior = load_prior(demo.BUNDLED_PRIOR, device="cpu")
+    keys = metric_keys(stages)
     rows = []
     total, done = len(prompts) * len(methods) * seeds, 0
     for prompt in prompts:
@@ -54,43 +84,83 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
         for method in methods:
             for seed in range(seeds):
                 run_dir = Path(out) / _slug(prompt) / method / f"seed{seed}"
-                metrics_file = run_dir / "metrics.json"
+                metrics_file, seconds_file = run_dir / "metrics.json", run_dir / "seconds.json"
                 done += 1
-                if metrics_file.is_file() and (run_dir / "seconds.json").is_file():
-                    row = {**json.loads(metrics_file.read_text()), **json.loads((run_dir / "seconds.json").read_text())}
+                if metrics_file.is_file() and seconds_file.is_file():
+                    scores, seconds = _read_json(metrics_file), _read_json(seconds_file)
                 else:
                     result = demo.run(prompt, method, run_dir, seed=seed, steps=steps, prior=prior,
                                       reference=reference)
                     if result["stopped"]:
                         raise KeyboardInterrupt
-                    atomic_write_text(run_dir / "seconds.json", json.dumps({"seconds": result["seconds"]}))
-                    row = {k: result[k] for k in METRICS}
-                rows.append({"prompt": prompt, "method": method, "seed": seed, **{k: row[k] for k in METRICS}})
-                log(f"[{done}/{total}] {prompt} / {method} / seed {seed}: fidelity {row['fidelity']:.3f}, "
-                    f"frechet {row['frechet']:.1f}, iou {row['iou']:.3f}, {row['seconds']:.0f} s")
-    return {"config": {"prompts": list(prompts), "methods": list(methods), "seeds": seeds,
-                       "steps": steps or demo.TOY_OPTIONS["steps"], "prior": str(demo.BUNDLED_PRIOR),
-                       "reference_samples": reference_samples},
-            "rows": rows, "summary": summarize(rows)}
+                    seconds = {"seconds": result["seconds"]}  # a fresh stage 1: later stages' times are stale
+                    atomic_write_text(seconds_file, json.dumps(seconds))
+                    scores = result
+                for stage in range(2, stages + 1):
+                    wanted = [f"{name}_s{k}" for name in SCORES for k in (1, stage)]
+                    if all(k in scores for k in wanted) and f"seconds_s{stage}" in seconds:
+                        continue  # finished before
+                    log(f"{prompt} / {method} / seed {seed}: stage {stage}")
+                    result = demo.refine_run(run_dir, stage, prior, reference, **refine_options)
+                    if result["stopped"]:
+                        raise KeyboardInterrupt
+                    seconds[f"seconds_s{stage}"] = result[f"seconds_s{stage}"]
+                    atomic_write_text(seconds_file, json.dumps(seconds))
+                    scores = result
+                row = {**scores, **seconds}
+                rows.append({"prompt": prompt, "method": method, "seed": seed, **{k: row[k] for k in keys}})
+                log(f"[{done}/{total}] {prompt} / {method} / seed {seed}: " + "; ".join(
+                    (f"{label}: " if stages > 1 else "") + f"fidelity {row[f'fidelity{sfx}']:.3f}, frechet "
+                    f"{row[f'frechet{sfx}']:.1f}, iou {row[f'iou{sfx}']:.3f}"
+                    + (f", {row[f'seconds{sfx}']:.0f} s" if f"seconds{sfx}" in row else "")
+                    for label, sfx in _stage_rows(stages)))
+    config = {"prompts": list(prompts), "methods": list(methods), "seeds": seeds,
+              "steps": steps or demo.TOY_OPTIONS["steps"], "prior": str(demo.BUNDLED_PRIOR),
+              "reference_samples": reference_samples, "stages": stages}
+    if stages > 1:
+        config["refine_options"] = refine_options
+    return {"config": config, "rows": rows, "summary": summarize(rows)}
+
+
+def _stage_rows(stages: int) -> list[tuple[str, str]]:
+    """(label, key suffix) of what a run is scored as: the stage-1 NeRF, then with stages > 1 each stage's GLB."""
+    if stages == 1:
+        return [("stage 1", "")]
+    return [("1 NeRF", "")] + [(STAGE_LABELS[k], f"_s{k}") for k in range(1, stages + 1)]
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per method: mean and standard deviation (over prompts and seeds) of every metric."""
+    """Per method: mean and standard deviation (over prompts and seeds) of every metric its rows share."""
     summary = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        values = {k: [r[k] for r in rows if r["method"] == method] for k in METRICS}
+        mine = [r for r in rows if r["method"] == method]
+        names = [k for k in mine[0] if k not in ("prompt", "method", "seed") and all(k in r for r in mine)]
+        values = {k: [r[k] for r in mine] for k in names}
         summary[method] = {"means": {k: statistics.fmean(v) for k, v in values.items()},
                            "stds": {k: statistics.pstdev(v) for k, v in values.items()},
-                           "runs": len(values["fidelity"])}
+                           "runs": len(mine)}
     return summary
 
 
 def quality_table(data: dict) -> str:
-    lines = ["| method | fidelity ↑ | Fréchet ↓ | silhouette IoU ↑ | s/run | runs |", "|---|---|---|---|---|---|"]
+    """A markdown table of the summary: one line per method, or with several stages one per (method, stage)."""
+    stages = data.get("config", {}).get("stages", 1)
+    if stages == 1:
+        lines = ["| method | fidelity ↑ | Fréchet ↓ | silhouette IoU ↑ | s/run | runs |",
+                 "|---|---|---|---|---|---|"]
+    else:
+        lines = ["| method | stage | fidelity ↑ | Fréchet ↓ | silhouette IoU ↑ | s/run | runs |",
+                 "|---|---|---|---|---|---|---|"]
     for method, s in data["summary"].items():
         m, d = s["means"], s["stds"]
-        lines.append(f"| {method} | {m['fidelity']:.3f} ± {d['fidelity']:.3f} | {m['frechet']:.1f} ± "
-                     f"{d['frechet']:.1f} | {m['iou']:.3f} ± {d['iou']:.3f} | {m['seconds']:.0f} | {s['runs']} |")
+        for label, sfx in _stage_rows(stages):
+            # the stage-1 GLB is stage 1's export: its time is in the NeRF's line
+            took = f"{m[f'seconds{sfx}']:.0f}" if f"seconds{sfx}" in m else "–"
+            cells = [method] + ([label] if stages > 1 else []) + [
+                f"{m[f'fidelity{sfx}']:.3f} ± {d[f'fidelity{sfx}']:.3f}",
+                f"{m[f'frechet{sfx}']:.1f} ± {d[f'frechet{sfx}']:.1f}",
+                f"{m[f'iou{sfx}']:.3f} ± {d[f'iou{sfx}']:.3f}", took, str(s["runs"])]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,12 @@
 32×32 world prior and two CPU cores) followed by :func:`score_run`, which rebuilds the optimized scene from the run's
 ``config.json`` and checkpoint and writes ``metrics.json`` next to the GLB.
 
+``run(..., stages=2 or 3)`` goes on in the same folder with :func:`refine_run`: ``generate --resume --stages k``
+with :data:`TOY_REFINE_OPTIONS`, which reuses the finished stage-1 checkpoint (and, for stage 3, the finished
+geometry one).  Since ``model.glb`` is always the last stage's, each stage's GLB is kept as ``model_s<k>.glb`` and
+scored as what the user would get after that stage (``fidelity_s<k>``, ``frechet_s<k>``, ``iou_s<k>`` in
+``metrics.json``, next to the stage-1 field's ``fidelity``, ``frechet``, ``iou``).
+
 Methods are the engine's, plus the combinations the paper compares (:data:`METHOD_PRESETS`): ``esd`` is VSD with
 ESD's λ = 0.5, ``l2esd`` L²-VSD with it, ``hifa`` VSD with HiFA's √-annealed timesteps, z-variance and image loss.
 """
@@ -16,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...files import atomic_write_text
+from ...files import atomic_write_bytes, atomic_write_text
 from .train import DEFAULT_EXPORT_DIR
 
 BUNDLED_PRIOR = DEFAULT_EXPORT_DIR
@@ -30,6 +36,19 @@ TOY_OPTIONS = {
     "lora_rank": 4, "lora_lr": 1e-3, "guidance_scale": 7.5, "checkpoint_every": 100, "preview_every": 0,
     "preview_resolution": 32, "lambda_opaque": 0.0, "mesh_resolution": 64, "texture_size": 256,
     "turntable_views": 24, "turntable_resolution": 64, "device": "cpu",
+    # the world's own white background, fixed: this prior never saw another, and behind a learned environment map
+    # (grey at first, randomly recoloured half the time) it distilled a frame-filling blob instead of the object
+    "background_color": [1.0, 1.0, 1.0],
+}
+
+# Stages 2 and 3 for the toy, each about a minute on one CPU thread: renders at the prior's 32 px and a 32³ DMTet over
+# the object's box.  Measured with l2vsd on "a red cube" (one thread of 2 shared cores): 0.13-0.21 s per geometry
+# step and 0.20-0.32 s per texture step, plus ≈6 s per stage of loading, DMTet set-up, export and turntable, so
+# 45-70 s per stage.  The estimators stay ProlificDreamer's (SDS at CFG 100 on normal maps, then the run's method on
+# the colour).
+TOY_REFINE_OPTIONS = {
+    "geometry_steps": 300, "geometry_resolution": 32, "dmtet_resolution": 32,
+    "texture_steps": 200, "texture_resolution": 32,
 }
 
 METHOD_PRESETS = {
@@ -46,10 +65,24 @@ METHOD_PRESETS = {
 }
 
 
-def toy_options(prompt: str, method: str, out, seed: int = 0, steps: Optional[int] = None, **overrides) -> dict:
+FIELD_SCORES = ("fidelity", "frechet", "iou")  # of the stage-1 field; a stage's GLB scores carry "_s<stage>"
+
+
+def stage_glb(run_dir, stage: int) -> Path:
+    """Where the GLB of ``stage`` is kept: ``model.glb`` is overwritten by every later stage."""
+    return Path(run_dir) / f"model_s{stage}.glb"
+
+
+def toy_options(prompt: str, method: str, out, seed: int = 0, steps: Optional[int] = None, stages: int = 1,
+                **overrides) -> dict:
+    """:func:`~l2vsd_core.generate.generate`'s options for the toy: :data:`TOY_OPTIONS`, with
+    :data:`TOY_REFINE_OPTIONS` for ``stages`` 2 and 3, the method's preset, then ``overrides``."""
     if method not in METHOD_PRESETS:
         raise ValueError(f"method must be one of {', '.join(METHOD_PRESETS)}; got {method!r}")
     options = dict(TOY_OPTIONS, prompt=prompt, prior=str(BUNDLED_PRIOR), out=str(out), seed=int(seed))
+    options["stages"] = int(stages)
+    if stages > 1:
+        options.update(TOY_REFINE_OPTIONS)
     if steps is not None:
         options["steps"] = int(steps)
     # ProlificDreamer's timestep range, scaled to the run: t ≤ 0.98 for the first fifth (its 5000 of 25 000 steps),
@@ -77,35 +110,117 @@ def load_run(run_dir, device: str = "cpu"):
     return field.eval(), renderer.eval(), options
 
 
-def score_run(run_dir, prior=None, reference: Optional[torch.Tensor] = None) -> dict:
-    """Score a run of a world prompt and write ``metrics.json`` into it; returns the scores."""
+def score_run(run_dir, prior=None, reference: Optional[torch.Tensor] = None,
+              keep_field_scores: bool = False) -> dict:
+    """Score a run of a world prompt and write ``metrics.json`` into it; returns the scores: the stage-1 field's
+    (``fidelity``, ``frechet``, ``iou``; volume-rendered, as it was optimized) and, for a run taken beyond stage 1,
+    the kept GLB of every stage (``fidelity_s<k>``, ``frechet_s<k>``, ``iou_s<k>``; rasterized).
+    ``keep_field_scores``: reuse the field's scores already in ``metrics.json`` (later stages load stage 1 and never
+    change it, and volume-rendering the field is most of the scoring time)."""
     from ...prior import load_prior
-    from .metrics import score_model
+    from .metrics import score_glb, score_model
 
-    field, renderer, options = load_run(run_dir)
+    run_dir = Path(run_dir)
+    metrics_file = run_dir / "metrics.json"
+    options = json.loads((run_dir / "config.json").read_text())["options"]
     prior = prior if prior is not None else load_prior(options["prior"], device="cpu")
-    scores = score_model(renderer, field, options["prompt"], prior, reference=reference).as_dict()
-    atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(scores, indent=1))
+    known = json.loads(metrics_file.read_text()) if keep_field_scores and metrics_file.is_file() else {}
+    if all(name in known for name in FIELD_SCORES):
+        scores = {name: known[name] for name in FIELD_SCORES}
+    else:
+        field, renderer, options = load_run(run_dir)
+        scores = score_model(renderer, field, options["prompt"], prior, reference=reference).as_dict()
+    for stage in (1, 2, 3):
+        if stage_glb(run_dir, stage).is_file():
+            glb = score_glb(stage_glb(run_dir, stage), options["prompt"], prior, reference=reference).as_dict()
+            scores.update({f"{name}_s{stage}": value for name, value in glb.items()})
+    atomic_write_text(metrics_file, json.dumps(scores, indent=1))
     return scores
+
+
+def _forget_later_stages(run_dir: Path) -> None:
+    """A fresh stage 1 makes every later stage's files stale; without this, ``generate --resume --stages 2`` would
+    pick up an old geometry checkpoint (it resumes a stage whenever the stage before did not run in that call)."""
+    from ...generate import STAGE_CHECKPOINTS
+
+    for _number, name in STAGE_CHECKPOINTS.values():
+        for path in (run_dir / name, run_dir / f"{name}.json"):
+            path.unlink(missing_ok=True)
+    for stage in (1, 2, 3):
+        stage_glb(run_dir, stage).unlink(missing_ok=True)
 
 
 def run(prompt: str, method: str, out, seed: int = 0, steps: Optional[int] = None, prior=None,
         reference: Optional[torch.Tensor] = None, log: Optional[Callable[[str], None]] = None,
-        progress: Optional[Callable] = None, **overrides) -> dict:
-    """Stage 1 + export + scores for one (prompt, method, seed); returns the scores with ``seconds`` (stage 1 and
-    export, not scoring)."""
+        progress: Optional[Callable] = None, stages: int = 1, **overrides) -> dict:
+    """Stage 1 + export + scores for one (prompt, method, seed), then stages 2.. ``stages`` with
+    :func:`refine_run` (``overrides`` go to every stage); returns the scores with ``seconds`` (stage 1 and export,
+    not scoring) and ``seconds_s<k>`` per later stage."""
     from ...generate import generate
+    from ...prior import load_prior
 
+    if stages not in (1, 2, 3):
+        raise ValueError(f"stages must be 1, 2 or 3; got {stages!r}")
+    out = Path(out)
     options = toy_options(prompt, method, out, seed, steps, **overrides)
+    _forget_later_stages(out)
     start = time.perf_counter()
     result = generate(options, progress=progress, log=log or (lambda m: None))
     seconds = time.perf_counter() - start
-    scores = score_run(out, prior, reference) if not result["stopped"] else {}
-    return {**scores, "seconds": seconds, "paths": result["paths"], "stopped": result["stopped"]}
+    if result["stopped"]:
+        return {"seconds": seconds, "paths": result["paths"], "stopped": True}
+    if stages > 1 and prior is None:  # one prior (and one set of reference samples) for every stage's scores
+        prior = load_prior(BUNDLED_PRIOR, device="cpu")
+    scores = score_run(out, prior, reference)
+    done = {**scores, "seconds": seconds, "paths": result["paths"], "stopped": False}
+    for stage in range(2, stages + 1):
+        later = refine_run(out, stage, prior, reference, log=log, progress=progress, **overrides)
+        done.update(later)
+        if later["stopped"]:
+            break
+    return done
+
+
+def refine_run(out, stage: int, prior=None, reference: Optional[torch.Tensor] = None,
+               log: Optional[Callable[[str], None]] = None, progress: Optional[Callable] = None,
+               **overrides) -> dict:
+    """Take a finished run in ``out`` on to ``stage`` (2: geometry, 3: texture; the stage before must be finished)
+    and score it: ``generate`` with the run's recorded options (so stage 1 is loaded, never re-optimized),
+    :data:`TOY_REFINE_OPTIONS` and ``overrides``, ``stages=stage``, ``resume=True``.  Keeps the stage-1 GLB as
+    ``model_s1.glb`` before stage 2 overwrites ``model.glb``, and this stage's as ``model_s<stage>.glb``.  Returns
+    :func:`score_run`'s scores with ``seconds_s<stage>`` (the whole ``generate`` call: loading, the stage, its
+    export and turntable), ``paths`` and ``stopped``."""
+    from ...generate import CHECKPOINT_NAME, OUTPUT_NAMES, generate
+
+    if stage not in (2, 3):
+        raise ValueError(f"refine_run takes a run on to stage 2 or 3; got {stage!r}")
+    run_dir = Path(out)
+    recorded = json.loads((run_dir / OUTPUT_NAMES["config"]).read_text())["options"]
+    # generate --resume would go on optimizing an unfinished stage 1 (or run stage 2 inside the stage-3 call, its GLB
+    # never kept): refuse instead
+    stage1 = json.loads((run_dir / f"{CHECKPOINT_NAME}.json").read_text())
+    if stage1["step"] < recorded["steps"]:
+        raise ValueError(f"stage 1 in {run_dir} is not finished (step {stage1['step']} of {recorded['steps']}): "
+                         f"finish it first (python -m l2vsd_core generate --resume, see its config.json)")
+    if stage == 3 and not stage_glb(run_dir, 2).is_file():
+        raise ValueError(f"{run_dir} has no finished stage 2 ({stage_glb(run_dir, 2).name}): run stage 2 first")
+    glb = run_dir / OUTPUT_NAMES["mesh"]
+    if stage == 2 and glb.is_file() and not stage_glb(run_dir, 1).is_file():
+        atomic_write_bytes(stage_glb(run_dir, 1), glb.read_bytes())  # still stage 1's: stage 2 has not exported
+    options = {**recorded, **TOY_REFINE_OPTIONS, **overrides, "stages": stage, "resume": True, "out": str(run_dir)}
+    start = time.perf_counter()
+    result = generate(options, progress=progress, log=log or (lambda m: None))
+    seconds = time.perf_counter() - start
+    if result["stopped"]:
+        return {f"seconds_s{stage}": seconds, "paths": result["paths"], "stopped": True}
+    atomic_write_bytes(stage_glb(run_dir, stage), glb.read_bytes())
+    scores = score_run(run_dir, prior, reference, keep_field_scores=True)
+    return {**scores, f"seconds_s{stage}": seconds, "paths": result["paths"], "stopped": False}
 
 
 def main(argv=None) -> int:
-    """``python -m l2vsd_core.toys.world.demo [--prompt "a red cube"] [--method l2vsd] [--steps N] [--out out/demo]``"""
+    """``python -m l2vsd_core.toys.world.demo [--prompt "a red cube"] [--method l2vsd] [--steps N] [--stages 1|2|3]
+    [--out out/demo]``"""
     import argparse
     import sys
     from ...generate import _Bar
@@ -115,6 +230,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="a red cube", help="'a COLOR SHAPE' of the toy world")
     parser.add_argument("--method", default="l2vsd", choices=sorted(METHOD_PRESETS))
     parser.add_argument("--steps", type=int, default=TOY_OPTIONS["steps"])
+    parser.add_argument("--stages", type=int, default=1, choices=(1, 2, 3),
+                        help="2: + geometry refinement, 3: + texture refinement (TOY_REFINE_OPTIONS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -127,18 +244,36 @@ def main(argv=None) -> int:
                              f"`python -m l2vsd_core.toys.world train`")
     except ValueError as e:
         parser.error(str(e))
-    bar = _Bar(args.steps, 0)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    bar, bar_stage = None, None
+
+    def progress(done, total, terms):
+        nonlocal bar, bar_stage
+        stage = int(terms.get("stage", 1))
+        if bar is None or stage != bar_stage:  # one bar per stage
+            if bar is not None:
+                bar.close()
+            bar, bar_stage = _Bar(total, done - 1, None if args.stages == 1 else f"stage {stage}"), stage
+        bar(done, total, terms)
+
+    def close_bar():
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+
+    def log(message):
+        close_bar()  # finish the bar's line first
+        print(message, file=sys.stderr, flush=True)
+
     try:
         result = run(args.prompt, args.method, args.out, seed=args.seed, steps=args.steps, log=log,
-                     progress=lambda done, total, terms: bar(done, total, terms),
-                     **({"threads": args.threads} if args.threads else {}))
+                     progress=progress, stages=args.stages, **({"threads": args.threads} if args.threads else {}))
     except KeyboardInterrupt:
-        bar.close()
+        close_bar()
         print(f"interrupted; continue with python -m l2vsd_core generate --resume (see {args.out}/config.json)",
               file=sys.stderr)
         return 130
-    bar.close()
+    close_bar()
     if result["stopped"]:
         return 130
     for name, path in result["paths"].items():
@@ -146,6 +281,10 @@ def main(argv=None) -> int:
     print(f"{args.prompt!r} with {args.method}, {args.steps} steps in {result['seconds']:.0f} s: prompt fidelity "
           f"{result['fidelity']:.3f}, Fréchet distance {result['frechet']:.1f}, silhouette IoU {result['iou']:.3f} "
           f"(metrics.json)")
+    for stage in range(1, args.stages + 1) if args.stages > 1 else ():
+        took = f" in {result[f'seconds_s{stage}']:.0f} s" if f"seconds_s{stage}" in result else ""
+        print(f"GLB after stage {stage}{took}: prompt fidelity {result[f'fidelity_s{stage}']:.3f}, Fréchet distance "
+              f"{result[f'frechet_s{stage}']:.1f}, silhouette IoU {result[f'iou_s{stage}']:.3f}")
     return 0
 
 

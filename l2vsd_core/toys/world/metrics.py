@@ -10,6 +10,11 @@
 
 Views: an orbit of ``VIEWS`` cameras at the middle of the training distribution (distance 1.25, fovy 55°, elevation
 15°) rendered at the judge's 32×32 over the world's white background, so the judge sees what it was trained on.
+
+Two ways to render a model, scored alike: :func:`score_model` draws a radiance field with the volume renderer (the
+stage-1 NeRF as it was optimized), :func:`score_glb` draws an exported GLB (what the user gets, after any stage) with
+the rasterizer: base-colour texture looked up through the mesh's UVs, over the white background, opacity = the
+antialiased coverage mask.
 """
 from __future__ import annotations
 
@@ -86,6 +91,72 @@ class GroundTruthField(nn.Module):
         lambert = (_normals(pts, self.objects)[0] @ light).clamp_min(0)
         rgb = (AMBIENT + DIFFUSE * lambert)[:, None] * self.objects.albedo[0]
         return {"density": self.density(points), "rgb": rgb.to(points)}
+
+
+# ---------------------------------------------------------------------------------------- rendering a GLB
+@dataclass
+class TexturedMesh:
+    """A mesh as the rasterizer takes it: ``vertices`` [V, 3] float32, ``faces`` [F, 3] int64, ``uv`` [V, 2] in
+    OpenGL's convention (origin bottom-left, v up: trimesh's ``visual.uv``) and the base colour ``texture``
+    [Ht, Wt, 3] in [0, 1] with row 0 the *bottom* row (the rasterizer's ``texture()`` convention), so the UVs index
+    it directly."""
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    uv: torch.Tensor
+    texture: torch.Tensor
+
+
+def load_glb(path) -> TexturedMesh:
+    """The textured mesh of a GLB written by :func:`l2vsd_core.export.save_mesh` (any stage's ``model.glb``).
+
+    UVs: glTF stores them with the origin top-left and v down; trimesh flips v on load (and back on export), so
+    ``visual.uv`` is OpenGL's v-up, the convention :func:`l2vsd_core.export.bake_texture` bakes in (texel row r at
+    v = 1 − (r + ½)/size, image row 0 at the top).  The image is therefore flipped to bottom-up here.  The glTF
+    base-colour factor multiplies the texture, as a viewer would."""
+    import numpy as np
+    import trimesh
+
+    mesh = trimesh.load(str(path), force="mesh", process=False)  # applies the scene's node transforms
+    visual = mesh.visual
+    material = getattr(visual, "material", None)
+    image = getattr(material, "baseColorTexture", None)
+    image = getattr(material, "image", None) if image is None else image  # an OBJ-style SimpleMaterial
+    if getattr(visual, "uv", None) is None or image is None or len(visual.uv) != len(mesh.vertices):
+        raise ValueError(f"{path}: no base-colour texture with per-vertex UVs (the exporter always writes one)")
+    texels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    factor = getattr(material, "baseColorFactor", None)
+    if factor is not None:
+        factor = np.asarray(factor)[:3]
+        texels = texels * (factor / 255.0 if factor.dtype.kind in "ui" else factor)  # trimesh keeps uint8 RGBA
+    return TexturedMesh(vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
+                        faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long),
+                        uv=torch.as_tensor(np.asarray(visual.uv), dtype=torch.float32),
+                        texture=torch.from_numpy(np.ascontiguousarray(texels[::-1])))
+
+
+@torch.no_grad()
+def render_mesh(mesh: TexturedMesh, cameras: CameraBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rgb [N, 3, H, W] over the world's white background, opacity [N, H, W]) of a textured mesh, rasterized with
+    the mesh renderer's projection (so it lines up pixel for pixel with :func:`render_model`): bilinear texture
+    lookup at the interpolated UVs, composited over white and antialiased; opacity is the antialiased mask."""
+    from ...mesh.mesh_renderer import clip_positions
+    from ...mesh.rasterize import antialias, edge_topology, interpolate, rasterize, texture
+
+    height, width = cameras.height, cameras.width
+    if mesh.faces.shape[0] == 0:
+        return (torch.tensor(BACKGROUND).view(1, 3, 1, 1).expand(cameras.batch_size, 3, height, width).clone(),
+                torch.zeros(cameras.batch_size, height, width))
+    pos_clip = clip_positions(mesh.vertices, cameras, height, width)
+    rast, _ = rasterize(pos_clip, mesh.faces, (height, width))
+    uv, _ = interpolate(mesh.uv, rast, mesh.faces)
+    # bilinear, wrapping as glTF's default sampler; the exporter's seam padding keeps the lookup inside a chart
+    colour = texture(mesh.texture[None], uv, filter_mode="linear", boundary_mode="wrap")
+    mask = (rast[..., 3:] > 0).to(colour.dtype)
+    over_white = torch.lerp(torch.tensor(BACKGROUND, dtype=colour.dtype).expand_as(colour), colour, mask)
+    topology = edge_topology(mesh.faces)
+    rgb = antialias(over_white, rast, pos_clip, mesh.faces, topology=topology)
+    opacity = antialias(mask, rast, pos_clip, mesh.faces, topology=topology)
+    return rgb.permute(0, 3, 1, 2).float().clamp(0, 1), opacity[..., 0].float().clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -191,11 +262,26 @@ def score_model(renderer, field, prompt: str, prior, views: int = VIEWS, judge_p
                 reference: Optional[torch.Tensor] = None) -> Scores:
     """The three scores of the model ``field`` (rendered by ``renderer``) for a world prompt.  ``reference``: prior
     samples to compare features with (default: :func:`prior_samples` of the prompt)."""
-    from .judge import judge_features
-    shape, color = parse_prompt(prompt)
     cams = orbit(views)
     rgb, opacity = render_model(renderer, field, cams)
+    return score_views(rgb, opacity, cams, prompt, prior, judge_path, reference)
+
+
+def score_glb(path, prompt: str, prior, views: int = VIEWS, judge_path=None,
+              reference: Optional[torch.Tensor] = None) -> Scores:
+    """The three scores of an exported GLB (:func:`load_glb`, drawn by :func:`render_mesh` from the same orbit as
+    :func:`score_model`) for a world prompt; ``reference`` as there."""
+    cams = orbit(views)
+    rgb, opacity = render_mesh(load_glb(path), cams)
+    return score_views(rgb, opacity, cams, prompt, prior, judge_path, reference)
+
+
+def score_views(rgb: torch.Tensor, opacity: torch.Tensor, cameras: CameraBatch, prompt: str, prior, judge_path=None,
+                reference: Optional[torch.Tensor] = None) -> Scores:
+    """The three scores of orbit views ``rgb`` [N, 3, H, W] over white with their ``opacity`` [N, H, W]."""
+    from .judge import judge_features
+    shape, color = parse_prompt(prompt)
     reference = prior_samples(prior, prompt) if reference is None else reference
     return Scores(fidelity=prompt_fidelity(rgb, shape, color, judge_path),
                   frechet=frechet_distance(judge_features(rgb, judge_path), judge_features(reference, judge_path)),
-                  iou=silhouette_iou(opacity, cams, shape))
+                  iou=silhouette_iou(opacity, cameras, shape))
