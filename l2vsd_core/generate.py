@@ -509,6 +509,12 @@ def generate(options: dict, progress: Optional[Callable] = None,
     ckpt = out / CHECKPOINT_NAME
     curves_json = out / OUTPUT_NAMES["curves_data"]
     history: list = []
+    if not o["resume"]:
+        # a fresh stage 1 makes the later stages' checkpoints in this folder stale: a later --resume --stages 2
+        # would otherwise continue an old geometry on top of the new NeRF
+        for _number, name in STAGE_CHECKPOINTS.values():
+            for path in (out / name, out / f"{name}.json"):
+                path.unlink(missing_ok=True)
     if o["resume"]:
         meta = opt.load_checkpoint(ckpt)
         log(f"resumed from {ckpt} at step {meta['step']}")

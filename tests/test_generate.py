@@ -234,3 +234,20 @@ def test_fixed_background_colour(prior_dir, tmp_path):
         generate(_options(prior_dir, tmp_path / "bad", background_color=[1.0, 2.0, 0.0]), log=lambda m: None)
     with pytest.raises(ValueError, match="three numbers in \\[0, 1\\]"):
         SolidBackground((0.5, 0.5))
+
+
+def test_a_fresh_stage_1_drops_the_later_stages_checkpoints(prior_dir, tmp_path):
+    """Without --resume, stage 1 starts anew, so an old geometry/texture checkpoint in the folder is stale: it is
+    removed, or a later --resume --stages 2 would continue an old mesh on top of the new NeRF."""
+    from l2vsd_core.generate import STAGE_CHECKPOINTS
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / name for _n, name in STAGE_CHECKPOINTS.values()]
+    stale += [p.with_name(p.name + ".json") for p in stale]
+    for path in stale:
+        path.write_text("old")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    generate(_options(prior_dir, out, method="sds", steps=1, threshold=1e9), log=lambda m: None)
+    assert not any(p.exists() for p in stale) and keep.read_text() == "mine"

@@ -139,13 +139,8 @@ def score_run(run_dir, prior=None, reference: Optional[torch.Tensor] = None,
 
 
 def _forget_later_stages(run_dir: Path) -> None:
-    """A fresh stage 1 makes every later stage's files stale; without this, ``generate --resume --stages 2`` would
-    pick up an old geometry checkpoint (it resumes a stage whenever the stage before did not run in that call)."""
-    from ...generate import STAGE_CHECKPOINTS
-
-    for _number, name in STAGE_CHECKPOINTS.values():
-        for path in (run_dir / name, run_dir / f"{name}.json"):
-            path.unlink(missing_ok=True)
+    """A fresh stage 1 makes the kept per-stage GLBs stale (``generate`` itself drops the later stages'
+    checkpoints)."""
     for stage in (1, 2, 3):
         stage_glb(run_dir, stage).unlink(missing_ok=True)
 
