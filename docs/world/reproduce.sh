@@ -2,10 +2,17 @@
 # The toy world's numbers in the README, from the repo root (CPU). Each command resumes where it stopped.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-# the prior (≈3,400 steps/hour on one thread; the checkpoint lives in out/world_prior_train, the export in the package)
-$PY -m l2vsd_core.toys.world train --steps 20000 --resume
-$PY -m l2vsd_core.toys.world loss-curve --png docs/world/prior_loss.png
+# the prior (≈3,400 steps/hour on one thread; the checkpoint lives in --out, the export in the package). It was
+# trained 2,600 steps with ε-prediction, then fine-tuned to v-prediction from that export up to step 6500:
+#   $PY -m l2vsd_core.toys.world train --prediction-type epsilon --steps 2600
+#   $PY -m l2vsd_core.toys.world train --init-from <the ε export> --steps 6500 --out out/world_prior_v
+# To train on from the committed export:
+$PY -m l2vsd_core.toys.world train --init-from l2vsd_core/toys/world/prior --steps 20000 --out out/world_prior_v
+$PY -m l2vsd_core.toys.world loss-curve --log out/world_prior_v/train.log --png docs/world/prior_loss_v.png
 # the demo: "a red cube" with L²-VSD → out/demo (model.glb, turntable.gif, curves.png, metrics.json)
 $PY -m l2vsd_core.toys.world.demo --prompt "a red cube" --method l2vsd --out out/demo
+# the three stages on the same prompt → out/demo3 (model_s1/2/3.glb and their scores)
+$PY -m l2vsd_core.toys.world.demo --prompt "a red cube" --method l2vsd --stages 3 --out out/demo3
 # the quality table: 12 prompts × 7 methods × 3 seeds (hours on 2 cores; finished runs are reused)
-$PY -m l2vsd_core.bench quality --prompts docs/world/prompts.txt --seeds 3 --json docs/world/quality.json
+$PY -m l2vsd_core.bench quality --prompts docs/world/prompts.txt --seeds 3 --out out/bench_quality_v \
+    --json docs/world/quality.json --grid docs/world/quality_grid.png
