@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("loss-curve", help="plot the training log's loss", formatter_class=fmt)
     p.add_argument("--log", default=str(DEFAULT_TRAIN_DIR / "train.log"))
-    p.add_argument("--png", default="docs/world/prior_loss_v.png")
+    p.add_argument("--png", default="docs/world/prior_loss.png")
     p.set_defaults(run=_loss_curve)
     return parser
 
