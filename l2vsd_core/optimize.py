@@ -211,6 +211,45 @@ def _set_gen_state(g: torch.Generator, state: list[int]) -> None:
     g.set_state(torch.tensor(state, dtype=torch.uint8))
 
 
+def check_checkpoint_keys(path, expected: dict, got: dict) -> None:
+    """``ValueError`` naming what differs when the checkpoint's module tensors ``got`` are not exactly ``expected``
+    (names and shapes) — checked before anything is loaded."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:5])}{', …' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"checkpoint {path} does not match this configuration ({'; '.join(parts)})")
+
+
+def restore_training_state(loop, tensors: dict, meta: dict) -> None:
+    """Load a validated checkpoint into a loop (stage 1's or a refinement stage's: they share ``_modules()``,
+    ``score``, ``optimizer``, ``_group_names()``, ``generator`` and the step counters): module weights, LoRA
+    weights, both optimizers' states, every RNG and the step, so that the run continues bit-for-bit."""
+    with torch.no_grad():
+        for prefix, module in loop._modules().items():
+            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+        if loop.score is not None:
+            params = dict(loop.score.named_parameters())
+            for k, v in tensors.items():
+                if k.startswith("score."):
+                    params[k[len("score."):]].copy_(v)
+    Stage1Optimizer._unflatten_optim(loop.optimizer, "optim", loop._group_names(),
+                                     {k: v for k, v in tensors.items() if k.startswith("optim.")})
+    if loop.score is not None:
+        Stage1Optimizer._unflatten_optim(loop.score.optimizer, "score_optim", None,
+                                         {k: v for k, v in tensors.items() if k.startswith("score_optim.")})
+    rng = meta.get("rng", {})
+    _set_gen_state(loop.generator, rng["loop"])
+    if "torch_cpu" in rng:
+        torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
+    if loop.score is not None and "score" in rng:
+        _set_gen_state(loop.score.generator, rng["score"])
+    loop.global_step = int(meta["step"])
+    loop.skipped_steps = int(meta.get("skipped_steps", 0))
+
+
 class Stage1Optimizer:
     """Stage-1 loop over ``field`` (``ImplicitVolume``), ``background`` (``EnvironmentBackground`` or None) and the
     LoRA ``score`` (``LoRAScore``, or None for ``sds``), distilled from ``prior`` with ``prompt_processor``'s
@@ -511,38 +550,10 @@ class Stage1Optimizer:
             for k, v in self.score.trainable_state_dict().items():
                 expected[f"score.{k}"] = v
         got = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "score_optim."))}
-        missing = sorted(set(expected) - set(got))
-        unexpected = sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
-        if missing or unexpected or wrong:
-            parts = []
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-                if keys:
-                    parts.append(f"{label}: {', '.join(keys[:5])}{', …' if len(keys) > 5 else ''}")
-            raise ValueError(f"checkpoint {path} does not match this configuration ({'; '.join(parts)})")
+        check_checkpoint_keys(path, expected, got)
         if self.score is None and any(k.startswith("score_optim.") for k in tensors):
             raise ValueError(f"checkpoint {path} does not match this configuration (it has a LoRA score, this run "
                              f"has none)")
 
-        with torch.no_grad():
-            for prefix, module in self._modules().items():
-                module.load_state_dict({k[len(prefix) + 1:]: v for k, v in got.items() if k.startswith(prefix + ".")})
-            if self.score is not None:
-                params = dict(self.score.named_parameters())
-                for k, v in got.items():
-                    if k.startswith("score."):
-                        params[k[len("score."):]].copy_(v)
-        self._unflatten_optim(self.optimizer, "optim", self._group_names(),
-                              {k: v for k, v in tensors.items() if k.startswith("optim.")})
-        if self.score is not None:
-            self._unflatten_optim(self.score.optimizer, "score_optim", None,
-                                  {k: v for k, v in tensors.items() if k.startswith("score_optim.")})
-        rng = meta.get("rng", {})
-        _set_gen_state(self.generator, rng["loop"])
-        if "torch_cpu" in rng:
-            torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
-        if self.score is not None and "score" in rng:
-            _set_gen_state(self.score.generator, rng["score"])
-        self.global_step = int(meta["step"])
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        restore_training_state(self, tensors, meta)
         return meta

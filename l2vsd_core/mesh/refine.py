@@ -51,7 +51,8 @@ from torch import nn
 
 from ..distill import DistillConfig, score_distillation
 from ..files import atomic_write
-from ..optimize import Stage1Optimizer, _gen_state, _is_int, _is_num, _require, _set_gen_state, config_changes
+from ..optimize import (Stage1Optimizer, _gen_state, _is_int, _is_num, _require, check_checkpoint_keys, config_changes,
+                        restore_training_state)
 from ..scene.cameras import RandomCameraSampler, orbit_cameras
 from ..scene.field import VanillaMLP
 from ..scene.hashgrid import HashGridConfig, make_hashgrid
@@ -491,37 +492,10 @@ class _RefinementLoop:
         got = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "score_optim."))}
         self._check_extra_tensors(got, path)
         expected = self._expected_tensors()
-        missing = sorted(set(expected) - set(got))
-        unexpected = sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
-        if missing or unexpected or wrong:
-            parts = [f"{label}: {', '.join(keys[:5])}{', …' if len(keys) > 5 else ''}"
-                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                     if keys]
-            raise ValueError(f"checkpoint {path} does not match this configuration ({'; '.join(parts)})")
+        check_checkpoint_keys(path, expected, got)
 
-        with torch.no_grad():
-            for prefix, module in self._modules().items():
-                module.load_state_dict({k[len(prefix) + 1:]: v for k, v in got.items() if k.startswith(prefix + ".")})
-            if self.score is not None:
-                params = dict(self.score.named_parameters())
-                for k, v in got.items():
-                    if k.startswith("score."):
-                        params[k[len("score."):]].copy_(v)
-        Stage1Optimizer._unflatten_optim(self.optimizer, "optim", self._group_names(),
-                                         {k: v for k, v in tensors.items() if k.startswith("optim.")})
-        if self.score is not None:
-            Stage1Optimizer._unflatten_optim(self.score.optimizer, "score_optim", None,
-                                             {k: v for k, v in tensors.items() if k.startswith("score_optim.")})
-        rng = meta.get("rng", {})
-        _set_gen_state(self.generator, rng["loop"])
-        if "torch_cpu" in rng:
-            torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
-        if self.score is not None and "score" in rng:
-            _set_gen_state(self.score.generator, rng["score"])
         self._load_extra_metadata(meta)
-        self.global_step = int(meta["step"])
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        restore_training_state(self, tensors, meta)
         return meta
 
 
