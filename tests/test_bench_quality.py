@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from l2vsd_core.bench.quality import metric_keys, quality_table, read_prompts, run_quality_benchmark, summarize
 
@@ -144,3 +145,33 @@ def test_picture_grid_of_turntables(tmp_path):
     assert grid.getpixel((150 + 8, 8)) == (255, 0, 0) and grid.getpixel((150 + 8, 24)) == (0, 0, 255)
     with pytest.raises(ValueError, match="no turntables"):
         picture_grid(tmp_path / "runs", ["a blue sphere"], ["sds"], tmp_path / "none.png")
+
+
+def test_reference_samples_are_kept_and_redrawn_when_their_settings_change(stage1_runs, tmp_path, monkeypatch):
+    import functools
+
+    from safetensors import safe_open
+
+    import l2vsd_core.toys.world.metrics as metrics
+    from l2vsd_core.bench.quality import _reference_samples
+
+    kept = tmp_path / "reference.safetensors"  # the fixture's, drawn by the benchmark; theirs stays as it is
+    shutil.copy(stage1_runs[0] / "a_red_cube" / "reference.safetensors", kept)
+    with safe_open(str(kept), framework="pt") as f:
+        assert f.metadata()["count"] == "8" and f.get_tensor("images").shape == (8, 3, 32, 32)
+    drawn = []
+    real = metrics.prior_samples
+
+    @functools.wraps(real)  # the cache reads the sampler's defaults off its signature
+    def counted(prior, prompt, **kw):
+        drawn.append(kw["count"])
+        return real(prior, prompt, **kw)
+    monkeypatch.setattr(metrics, "prior_samples", counted)
+    first = _reference_samples(None, "a red cube", 8, kept.parent)  # the fixture's file: read, not drawn
+    assert drawn == [] and first.shape == (8, 3, 32, 32)
+    from l2vsd_core.prior import load_prior
+    from l2vsd_core.toys.world import demo
+    prior = load_prior(demo.BUNDLED_PRIOR, device="cpu")
+    fewer = _reference_samples(prior, "a red cube", 4, kept.parent)  # another count: drawn again, file replaced
+    assert drawn == [4] and fewer.shape[0] == 4
+    assert torch.equal(_reference_samples(None, "a red cube", 4, kept.parent), fewer) and drawn == [4]  # kept

@@ -11,9 +11,14 @@ was optimized, and the time of stage 1 with its export.
 Resumable: each finished run leaves ``metrics.json`` (and ``seconds.json``) in ``OUT/<prompt>/<method>/seed<k>``
 and is not run again, nor is a finished stage; the rows are collected from those files, so an interrupted benchmark
 continues where it stopped.  Finished work is reused whatever the settings: use a new ``OUT`` to change them.
+The prior's reference samples of each prompt (the Fréchet distance's other side, about a minute of CPU per prompt)
+are kept too, in ``OUT/<prompt>/reference.safetensors``, and reused only while the prior's weights and the sampling
+settings they were drawn with stay the same.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import re
 import statistics
@@ -80,7 +85,7 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
     rows = []
     total, done = len(prompts) * len(methods) * seeds, 0
     for prompt in prompts:
-        reference = prior_samples(prior, prompt, count=reference_samples)
+        reference = _reference_samples(prior, prompt, reference_samples, Path(out) / _slug(prompt))
         for method in methods:
             for seed in range(seeds):
                 run_dir = Path(out) / _slug(prompt) / method / f"seed{seed}"
@@ -120,6 +125,41 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
     if stages > 1:
         config["refine_options"] = refine_options
     return {"config": config, "rows": rows, "summary": summarize(rows)}
+
+
+def _weights_digest(folder) -> str:
+    """sha256 over the prior folder's weight files (names and bytes): what the reference samples depend on."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _reference_samples(prior, prompt: str, count: int, folder: Path):
+    """:func:`prior_samples` of ``prompt``, kept in ``folder/reference.safetensors`` and read back while the
+    prior's weights and the sampling settings match the file's metadata (otherwise drawn again and replaced)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..files import atomic_write
+    from ..toys.world import demo
+    from ..toys.world.metrics import prior_samples
+
+    path = folder / "reference.safetensors"
+    # the sampler's own defaults (steps, guidance, seed) are what it draws with: a change to them is a new reference
+    sampling = {name: repr(p.default) for name, p in inspect.signature(prior_samples).parameters.items()
+                if name in ("steps", "guidance_scale", "seed")}
+    wanted = {"prompt": prompt, "count": str(count), **sampling,
+              "prior_weights_sha256": _weights_digest(demo.BUNDLED_PRIOR)}
+    if path.is_file():
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata() == wanted:
+                return load_file(str(path))["images"]
+    images = prior_samples(prior, prompt, count=count)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file({"images": images.contiguous()}, tmp, metadata=wanted))
+    return images
 
 
 def _stage_rows(stages: int) -> list[tuple[str, str]]:
