@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from l2vsd_core.bench.quality import metric_keys, quality_table, read_prompts, run_quality_benchmark, summarize
+from l2vsd_core.bench.quality import (metric_keys, paired_differences, paired_table, quality_table, read_prompts,
+                                      run_quality_benchmark, summarize)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -175,3 +176,25 @@ def test_reference_samples_are_kept_and_redrawn_when_their_settings_change(stage
     fewer = _reference_samples(prior, "a red cube", 4, kept.parent)  # another count: drawn again, file replaced
     assert drawn == [4] and fewer.shape[0] == 4
     assert torch.equal(_reference_samples(None, "a red cube", 4, kept.parent), fewer) and drawn == [4]  # kept
+
+
+def test_paired_differences_match_the_same_prompt_and_seed():
+    def row(prompt, method, seed, fidelity, frechet, iou):
+        return {"prompt": prompt, "method": method, "seed": seed, "fidelity": fidelity, "frechet": frechet,
+                "iou": iou, "seconds": 1.0}
+    rows = [row("a red cube", "vsd", 0, 0.9, 10.0, 0.80), row("a red cube", "vsd", 1, 0.5, 20.0, 0.60),
+            row("a blue sphere", "vsd", 0, 0.7, 5.0, 0.90),
+            # l2vsd: better on the cube's seed 0 (all three), worse Fréchet on seed 1, the sphere unpaired
+            row("a red cube", "l2vsd", 0, 1.0, 8.0, 0.85), row("a red cube", "l2vsd", 1, 0.5, 23.0, 0.70),
+            row("a green cone", "l2vsd", 0, 0.1, 99.0, 0.10), row("a green cone", "sds", 0, 0.2, 1.0, 0.5)]
+    paired = paired_differences(rows)
+    assert set(paired) == {"l2vsd"}  # sds has no vsd run on the same prompt and seed
+    fid, fre, iou = (paired["l2vsd"][n] for n in ("fidelity", "frechet", "iou"))
+    assert fid["pairs"] == fre["pairs"] == iou["pairs"] == 2
+    assert fid["mean"] == pytest.approx(0.05) and (fid["better"], fid["worse"]) == (1, 0)  # a tie counts neither
+    assert fre["mean"] == pytest.approx(0.5) and fre["std"] == pytest.approx(2.5)
+    assert (fre["better"], fre["worse"]) == (1, 1)  # lower Fréchet is better
+    assert iou["mean"] == pytest.approx(0.075) and (iou["better"], iou["worse"]) == (2, 0)
+    table = paired_table({"paired": paired})
+    assert "| l2vsd | +0.050 ± 0.050 (1 better, 0 worse) | +0.50 ± 2.50 (1 better, 1 worse) |" in table
+    assert paired_differences(rows, baseline="esd") == {}

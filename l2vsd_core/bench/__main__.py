@@ -58,7 +58,9 @@ def main(argv=None) -> int:
                 from .quality import picture_grid
                 picture_grid(args.out, prompts, methods, args.grid)
             return data
-        show = quality_table
+        def show(data):
+            from .quality import paired_table
+            return quality_table(data) + ("\n\n" + paired_table(data) if data.get("paired") else "")
     elif args.command == "render":
         from .render import render_table, run_render_benchmark
         run = lambda: run_render_benchmark(args.resolution, args.samples, args.levels, args.log2_hashmap_size,

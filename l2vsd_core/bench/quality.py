@@ -124,7 +124,7 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
               "reference_samples": reference_samples, "stages": stages}
     if stages > 1:
         config["refine_options"] = refine_options
-    return {"config": config, "rows": rows, "summary": summarize(rows)}
+    return {"config": config, "rows": rows, "summary": summarize(rows), "paired": paired_differences(rows)}
 
 
 def _weights_digest(folder) -> str:
@@ -180,6 +180,40 @@ def summarize(rows: list[dict]) -> dict:
                            "stds": {k: statistics.pstdev(v) for k, v in values.items()},
                            "runs": len(mine)}
     return summary
+
+
+def paired_differences(rows: list[dict], baseline: str = "vsd") -> dict:
+    """Per method other than ``baseline``: its stage-1 scores minus the baseline's on the same (prompt, seed), as
+    ``{metric: {"mean", "std", "better", "worse", "pairs"}}`` ("better": higher fidelity or IoU, lower Fréchet).
+    Runs of one prompt and seed share the start and the noise, so these differences are free of the spread between
+    prompts that dominates the summary's standard deviations.  Empty when ``baseline`` has no rows."""
+    base = {(r["prompt"], r["seed"]): r for r in rows if r["method"] == baseline}
+    paired = {}
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != baseline):
+        pairs = [(r, base[(r["prompt"], r["seed"])]) for r in rows
+                 if r["method"] == method and (r["prompt"], r["seed"]) in base]
+        if not pairs:
+            continue
+        paired[method] = {}
+        for name in SCORES:
+            sign = -1.0 if name == "frechet" else 1.0  # which way is better
+            deltas = [r[name] - b[name] for r, b in pairs]
+            paired[method][name] = {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas),
+                                    "better": sum(sign * d > 0 for d in deltas),
+                                    "worse": sum(sign * d < 0 for d in deltas), "pairs": len(deltas)}
+    return paired
+
+
+def paired_table(data: dict, baseline: str = "vsd") -> str:
+    """A markdown table of :func:`paired_differences`: mean ± std of each method's difference from ``baseline`` on
+    the same prompt and seed, and in how many pairs it was better / worse."""
+    lines = [f"| method − {baseline} | Δ fidelity | Δ Fréchet | Δ IoU | pairs |", "|---|---|---|---|---|"]
+    digits = {"fidelity": 3, "frechet": 2, "iou": 3}
+    for method, scores in data.get("paired", {}).items():
+        cells = [f"{scores[n]['mean']:+.{digits[n]}f} ± {scores[n]['std']:.{digits[n]}f} "
+                 f"({scores[n]['better']} better, {scores[n]['worse']} worse)" for n in SCORES]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {scores['iou']['pairs']} |")
+    return "\n".join(lines)
 
 
 def quality_table(data: dict) -> str:
