@@ -35,7 +35,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
-def math_attention():
+def tangent_safe_kernels():
     """Make attention and normalization safe for a tangent pass, where a tangent flows through them.
 
     - ``scaled_dot_product_attention`` goes to the math kernel: fused kernels (flash, memory-efficient) have no
@@ -163,21 +163,21 @@ def jvp(fn: ScoreFn, params: Mapping[str, torch.Tensor], tangents: Mapping[str, 
 
 def _exact_jvp(fn: ScoreFn, params, tangents, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Forward mode needs no autograd graph: under no_grad, tensors that no tangent reaches stay plain, so their
-    # attention keeps the fused kernels (see math_attention) and nothing is recorded for a backward pass.
+    # attention keeps the fused kernels (see tangent_safe_kernels) and nothing is recorded for a backward pass.
     if mode == "func":
-        with math_attention(), torch.no_grad():
+        with tangent_safe_kernels(), torch.no_grad():
             out, tangent_out = torch.func.jvp(fn, (params,), (tangents,))
         return out.detach(), tangent_out.detach()
 
     if mode == "forward_ad":
-        with math_attention(), torch.no_grad(), fwAD.dual_level():
+        with tangent_safe_kernels(), torch.no_grad(), fwAD.dual_level():
             duals = {k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()}
             out = fwAD.unpack_dual(fn(duals))
             tangent_out = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
             return out.primal.detach(), tangent_out.detach()
 
     # double_backward: g(u) = J^T u is linear in u, so d<g(u), v>/du = J v.
-    with math_attention(), torch.enable_grad():
+    with tangent_safe_kernels(), torch.enable_grad():
         leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
         out = fn(leaves)
         u = torch.zeros_like(out, requires_grad=True)

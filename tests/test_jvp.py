@@ -181,16 +181,16 @@ def test_a_tiny_direction_in_half_precision_keeps_its_digits(mode):
 
 
 def test_tangent_passes_compute_half_precision_norms_and_attention_in_float32():
-    """Inside ``math_attention``, half inputs that carry a tangent go through layer_norm, group_norm and attention in
+    """Inside ``tangent_safe_kernels``, half inputs that carry a tangent go through layer_norm, group_norm and attention in
     float32 (CUDA's half kernels keep float32 statistics and their forward-AD formulas then mix dtypes); inputs that
     carry none keep the original kernels, and the originals are back afterwards."""
     import torch.autograd.forward_ad as fwAD
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from l2vsd_core.jvp import math_attention
+    from l2vsd_core.jvp import tangent_safe_kernels
     originals = (F.scaled_dot_product_attention, F.layer_norm, F.group_norm)
     x = torch.randn(2, 4, 8, dtype=torch.bfloat16)
     dx = torch.randn_like(x)
-    with math_attention(), fwAD.dual_level():
+    with tangent_safe_kernels(), fwAD.dual_level():
         dual = fwAD.make_dual(x, dx)
         outs = {
             "layer_norm": (F.layer_norm(dual, (8,)), lambda a: F.layer_norm(a, (8,))),

@@ -282,7 +282,7 @@ def float64_reference(scope, x, t, cond, esd_lambda, tangents, h=1e-6):
 
 @pytest.mark.parametrize("scope, esd_lambda", [("all", 0.0), ("last", 0.5)])
 def test_exact_jvp_modes_through_the_unet_match_a_float64_reference(scope, esd_lambda):
-    """Default attention processor (SDPA): ``jvp.math_attention`` is what lets the exact modes through."""
+    """Default attention processor (SDPA): ``jvp.tangent_safe_kernels`` is what lets the exact modes through."""
     score = make_score()
     assert type(score.unet.attn_processors[next(iter(score.unet.attn_processors))]).__name__ == "AttnProcessor2_0"
     x, t, text, camera = inputs(2)
@@ -324,8 +324,8 @@ def test_exact_jvp_modes_on_an_fp16_cuda_unet_match_float64(scope):
         assert rel_err(tangent.cpu() * 1e6, ref) < 2e-2, (mode, rel_err(tangent.cpu() * 1e6, ref))
 
 
-def test_forward_ad_through_the_unet_needs_math_attention():
-    """Without ``jvp.math_attention`` the fused CPU attention kernel has no forward-AD rule: the test above means it."""
+def test_forward_ad_through_the_unet_needs_tangent_safe_kernels():
+    """Without ``jvp.tangent_safe_kernels`` the fused CPU attention kernel has no forward-AD rule: the test above means it."""
     score = make_score()
     x, t, text, camera = inputs()
     params = score.lookahead_parameters("last")
