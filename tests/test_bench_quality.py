@@ -185,13 +185,14 @@ def test_paired_differences_match_the_same_prompt_and_seed():
     rows = [row("a red cube", "vsd", 0, 0.9, 10.0, 0.80), row("a red cube", "vsd", 1, 0.5, 20.0, 0.60),
             row("a blue sphere", "vsd", 0, 0.7, 5.0, 0.90),
             # l2vsd: better on the cube's seed 0 (all three), worse Fréchet on seed 1, the sphere unpaired
-            row("a red cube", "l2vsd", 0, 1.0, 8.0, 0.85), row("a red cube", "l2vsd", 1, 0.5, 23.0, 0.70),
+            row("a red cube", "l2vsd", 0, 1.0, 8.0, 0.85), row("a red cube", "l2vsd", 1, 0.5004, 23.0, 0.70),
             row("a green cone", "l2vsd", 0, 0.1, 99.0, 0.10), row("a green cone", "sds", 0, 0.2, 1.0, 0.5)]
     paired = paired_differences(rows)
     assert set(paired) == {"l2vsd"}  # sds has no vsd run on the same prompt and seed
     fid, fre, iou = (paired["l2vsd"][n] for n in ("fidelity", "frechet", "iou"))
     assert fid["pairs"] == fre["pairs"] == iou["pairs"] == 2
-    assert fid["mean"] == pytest.approx(0.05) and (fid["better"], fid["worse"]) == (1, 0)  # a tie counts neither
+    # +0.0004 rounds to 0.000 at the table's precision: a tie, counted neither way
+    assert fid["mean"] == pytest.approx(0.0502) and (fid["better"], fid["worse"]) == (1, 0)
     assert fre["mean"] == pytest.approx(0.5) and fre["std"] == pytest.approx(2.5)
     assert (fre["better"], fre["worse"]) == (1, 1)  # lower Fréchet is better
     assert iou["mean"] == pytest.approx(0.075) and (iou["better"], iou["worse"]) == (2, 0)

@@ -29,6 +29,7 @@ from ..files import atomic_write_text
 
 DEFAULT_METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "esd", "l2esd")
 SCORES = ("fidelity", "frechet", "iou")
+DIGITS = {"fidelity": 3, "frechet": 2, "iou": 3}  # decimals the tables show of each score
 METRICS = SCORES + ("seconds",)
 STAGE_LABELS = {1: "1 GLB", 2: "2 GLB (geometry)", 3: "3 GLB (texture)"}
 
@@ -184,7 +185,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def paired_differences(rows: list[dict], baseline: str = "vsd") -> dict:
     """Per method other than ``baseline``: its stage-1 scores minus the baseline's on the same (prompt, seed), as
-    ``{metric: {"mean", "std", "better", "worse", "pairs"}}`` ("better": higher fidelity or IoU, lower Fréchet).
+    ``{metric: {"mean", "std", "better", "worse", "pairs"}}`` ("better": higher fidelity or IoU, lower Fréchet; a
+    difference that rounds to zero at the table's precision, :data:`DIGITS`, is a tie and counts as neither).
     Runs of one prompt and seed share the start and the noise, so these differences are free of the spread between
     prompts that dominates the summary's standard deviations.  Empty when ``baseline`` has no rows."""
     base = {(r["prompt"], r["seed"]): r for r in rows if r["method"] == baseline}
@@ -198,9 +200,10 @@ def paired_differences(rows: list[dict], baseline: str = "vsd") -> dict:
         for name in SCORES:
             sign = -1.0 if name == "frechet" else 1.0  # which way is better
             deltas = [r[name] - b[name] for r, b in pairs]
+            shown = [sign * round(d, DIGITS[name]) for d in deltas]
             paired[method][name] = {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas),
-                                    "better": sum(sign * d > 0 for d in deltas),
-                                    "worse": sum(sign * d < 0 for d in deltas), "pairs": len(deltas)}
+                                    "better": sum(d > 0 for d in shown), "worse": sum(d < 0 for d in shown),
+                                    "pairs": len(deltas)}
     return paired
 
 
@@ -208,9 +211,8 @@ def paired_table(data: dict, baseline: str = "vsd") -> str:
     """A markdown table of :func:`paired_differences`: mean ± std of each method's difference from ``baseline`` on
     the same prompt and seed, and in how many pairs it was better / worse."""
     lines = [f"| method − {baseline} | Δ fidelity | Δ Fréchet | Δ IoU | pairs |", "|---|---|---|---|---|"]
-    digits = {"fidelity": 3, "frechet": 2, "iou": 3}
     for method, scores in data.get("paired", {}).items():
-        cells = [f"{scores[n]['mean']:+.{digits[n]}f} ± {scores[n]['std']:.{digits[n]}f} "
+        cells = [f"{scores[n]['mean']:+.{DIGITS[n]}f} ± {scores[n]['std']:.{DIGITS[n]}f} "
                  f"({scores[n]['better']} better, {scores[n]['worse']} worse)" for n in SCORES]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {scores['iou']['pairs']} |")
     return "\n".join(lines)
