@@ -187,8 +187,8 @@ def paired_differences(rows: list[dict], baseline: str = "vsd") -> dict:
     """Per method other than ``baseline``: its stage-1 scores minus the baseline's on the same (prompt, seed), as
     ``{metric: {"mean", "std", "better", "worse", "pairs"}}`` ("better": higher fidelity or IoU, lower Fréchet; a
     difference that rounds to zero at the table's precision, :data:`DIGITS`, is a tie and counts as neither).
-    Runs of one prompt and seed share the start and the noise, so these differences are free of the spread between
-    prompts that dominates the summary's standard deviations.  Empty when ``baseline`` has no rows."""
+    Runs of one prompt and seed start from the same initial scene, so these differences are free of the spread
+    between prompts that dominates the summary's standard deviations.  Empty when ``baseline`` has no rows."""
     base = {(r["prompt"], r["seed"]): r for r in rows if r["method"] == baseline}
     paired = {}
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != baseline):
