@@ -1,4 +1,4 @@
-"""``python -m l2vsd_core generate …`` (prompt → stage-1 NeRF → GLB; see :mod:`l2vsd_core.generate`) and
+"""``python -m l2vsd_core generate …`` (prompt → NeRF (→ mesh → texture) → GLB; see :mod:`l2vsd_core.cli`) and
 ``python -m l2vsd_core bench …`` (forwards to ``python -m l2vsd_core.bench``)."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_generate_arguments
+    from .cli import add_generate_arguments
 
     parser = argparse.ArgumentParser(prog="python -m l2vsd_core", description="L²-VSD text-to-3D engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
-    gen = sub.add_parser("generate", help="text → stage-1 NeRF → textured mesh (model.glb, turntable.gif, …)",
+    gen = sub.add_parser("generate", help="text → NeRF (→ mesh → texture) → textured mesh (model.glb, ...)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_generate_arguments(gen)
     sub.add_parser("bench", help="benchmarks (python -m l2vsd_core bench --help)", add_help=False)
@@ -25,9 +25,9 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .generate import run_cli
+    from .cli import run_cli
     sub = parser._subparsers._group_actions[0].choices[args.command]  # errors name the subcommand's usage
-    return run_cli(args, sub)
+    return run_cli(argv[1:], sub)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 
 from .files import atomic_write_bytes
 
-__all__ = ["extract_mesh", "remove_floaters", "bake_texture", "save_mesh", "turntable_gif", "auto_threshold",
+__all__ = ["save_textured_mesh", "extract_mesh", "remove_floaters", "bake_texture", "save_mesh", "turntable_gif", "auto_threshold",
            "AUTO_THRESHOLD_EPS", "FLOATER_FRACTION"]
 
 AUTO_THRESHOLD_EPS = 1.0e-5  # threestudio: threshold = field[field > eps].mean() for "auto"
@@ -514,3 +514,18 @@ def turntable_gif(renderer, field, background, path: PathLike, n_views: int = 30
                    duration=int(round(1000.0 / fps)), loop=loop, optimize=False)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def save_textured_mesh(mesh, color_field, path: PathLike, texture_size: int = 1024,
+                       max_faces: Optional[int] = None):
+    """Bake ``color_field`` (anything :func:`l2vsd_core.export.bake_texture` queries: a field returning
+    ``{"rgb"}`` or a function returning colours) onto ``mesh`` and write it (GLB by the suffix, via
+    :func:`~l2vsd_core.export.save_mesh`); decimated to ``max_faces`` first when given.  Returns
+    ``(trimesh.Trimesh, path)``."""
+    if mesh.faces.shape[0] == 0:
+        raise ValueError("cannot export an empty mesh (no faces)")
+    surface = mesh.to_trimesh()
+    if max_faces is not None and len(surface.faces) > max_faces:
+        surface = decimate(surface, max_faces)
+    baked = bake_texture(surface, color_field, texture_size=texture_size)
+    return baked, save_mesh(baked, path)

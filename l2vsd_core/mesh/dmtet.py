@@ -41,7 +41,7 @@ from ..export import auto_threshold
 from .tetgrid import TET_EDGE_PAIRS, BBoxLike, as_bbox, cube_tet_grid, scale_to_bbox, unique_edges
 
 __all__ = ["TriangleMesh", "marching_tets", "face_normals", "face_areas", "vertex_normals", "mesh_volume",
-           "DMTet", "surface_bbox"]
+           "DMTet", "surface_bbox", "dmtet_from_density"]
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -316,3 +316,27 @@ def surface_bbox(density_fn: DensityFn, radius: float, threshold: Union[str, flo
     grow = margin * (high - low)
     low, high = (low - grow).clamp_min(-radius), (high + grow).clamp_max(radius)
     return torch.stack([low, high]), level
+
+
+def dmtet_from_density(density_fn: Callable[[torch.Tensor], torch.Tensor], radius: float, resolution: int = 64,
+                       threshold: Union[str, float] = "auto", bbox_resolution: int = 64, bbox_margin: float = 0.1,
+                       deformation_scale: float = 0.5, device=None) -> DMTet:
+    """A :class:`DMTet` over the tight box of the dense region of ``density_fn`` (a stage-1 field's ``density``)
+    with ``sdf = threshold - density`` (threestudio's ``create_from``); ``threshold="auto"`` is the exporter's rule
+    on the coarse lattice, then used for both passes.  ``ValueError`` naming the fix when there is no surface."""
+    try:
+        bbox, level = surface_bbox(density_fn, radius, threshold, resolution=bbox_resolution, margin=bbox_margin,
+                                   device=device)
+        dmtet = DMTet(resolution, bbox, deformable=True, deformation_scale=deformation_scale)
+        if device is not None:
+            dmtet = dmtet.to(device)
+        dmtet.init_from_density(density_fn, threshold=level)
+        with torch.no_grad():
+            empty = dmtet().faces.shape[0] == 0
+        if empty:
+            raise ValueError(f"marching tetrahedra found no faces at density {level:g} on the "
+                             f"{resolution}^3 grid")
+    except ValueError as e:
+        raise ValueError(f"the stage-1 field has no surface to refine ({e}): train stage 1 longer (or check the "
+                         f"prompt and seed), or set isosurface_threshold to a density inside the field's range") from e
+    return dmtet

@@ -3,7 +3,7 @@
 ``load_prior(path, device="auto", dtype="auto", prediction_type=None)`` reads a diffusers folder or a single-file
 SD 1.x / 2.x checkpoint, strictly offline, and returns a :class:`DiffusionPrior`.
 """
-from .load import load_prior, load_state_dict_file
+from .load import BUNDLED_PRIORS, bundled_prior_name, load_prior, load_state_dict_file, resolve_prior_path
 from .model import DiffusionPrior, PRIOR_PREDICTION_TYPES
 
-__all__ = ["DiffusionPrior", "PRIOR_PREDICTION_TYPES", "load_prior", "load_state_dict_file"]
+__all__ = ["BUNDLED_PRIORS", "bundled_prior_name", "resolve_prior_path", "DiffusionPrior", "PRIOR_PREDICTION_TYPES", "load_prior", "load_state_dict_file"]

@@ -59,10 +59,33 @@ FAMILIES = {768: "sd15", 1024: "sd21"}
 PathLike = Union[str, Path]
 
 
+# Priors that ship with the pack, by name: ``load_prior("toy")``, ``generate --prior toy``, the LoadPrior node's list.
+BUNDLED_PRIORS = {"toy": Path(__file__).resolve().parents[1] / "toys" / "world" / "prior"}
+
+
+def resolve_prior_path(path: PathLike) -> Path:
+    """A bundled prior's name (:data:`BUNDLED_PRIORS`) → its folder; any other path as given (``~`` expanded)."""
+    if isinstance(path, str) and path in BUNDLED_PRIORS:
+        return BUNDLED_PRIORS[path]
+    return Path(path).expanduser()
+
+
+def bundled_prior_name(path: PathLike) -> Optional[str]:
+    """The name of the bundled prior at ``path`` (or named ``path``), else None."""
+    if isinstance(path, str) and path in BUNDLED_PRIORS:
+        return path
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, TypeError):
+        return None
+    return next((name for name, folder in BUNDLED_PRIORS.items() if folder.resolve() == resolved), None)
+
+
 def load_prior(path: PathLike, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
                prediction_type: Optional[str] = None, *, tokenizer_dir: Optional[PathLike] = None,
                config_dir: Optional[PathLike] = None) -> DiffusionPrior:
-    """Load a frozen :class:`DiffusionPrior` from a diffusers folder or a single-file SD 1.x/2.x checkpoint.
+    """Load a frozen :class:`DiffusionPrior` from a diffusers folder or a single-file SD 1.x/2.x checkpoint, or
+    the bundled prior by name (``"toy"``: the 32×32 toy world's, :data:`BUNDLED_PRIORS`).
 
     ``device``: ``"auto"`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, …; ``dtype``: ``"auto"`` (fp16 on
     CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"``, ``"bf16"``; ``prediction_type``: ``"epsilon"`` or
@@ -76,7 +99,7 @@ def load_prior(path: PathLike, device: Union[str, torch.device] = "auto", dtype:
         check_prediction_type(prediction_type)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    path = Path(path).expanduser()
+    path = resolve_prior_path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"no diffusion prior at {str(path)!r}: looked for a diffusers model folder (containing model_index.json) "

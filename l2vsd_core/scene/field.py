@@ -50,6 +50,7 @@ from torch import nn
 from .hashgrid import HashGridConfig, make_hashgrid
 
 __all__ = [
+    "TextureField",
     "DENSITY_ACTIVATIONS",
     "DENSITY_BIASES",
     "NORMAL_TYPES",
@@ -392,3 +393,34 @@ class SolidBackground(nn.Module):
 
     def parameter_groups(self, lr: float = 0.001) -> list[dict]:
         return []
+
+
+class TextureField(nn.Module):
+    """The texture stage's colour field (threestudio ``tetrahedra-sdf-grid`` appearance + ``no-material``): world
+    points in ``[-radius, radius]^3`` -> ``[0, 1]^3`` (clamped) -> hash grid -> MLP -> sigmoid.
+
+    ``forward(points [N, 3], directions=None) -> {"rgb": [N, 3]}`` (view-independent), so it plugs into
+    :class:`MeshRenderer` and :func:`l2vsd_core.export.bake_texture` like a stage-1 field.
+    """
+
+    def __init__(self, radius: float = 1.0, hashgrid: Optional[HashGridConfig] = None, backend: str = "auto",
+                 mlp_neurons: int = 64, mlp_hidden_layers: int = 1, seed: Optional[int] = None):
+        super().__init__()
+        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"radius must be a finite number > 0; got {radius!r}")
+        self.radius = float(radius)
+        self.encoding = make_hashgrid(hashgrid or HashGridConfig(), backend=backend, seed=seed)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):  # reproducible, global RNG untouched
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            self.feature_network = VanillaMLP(self.encoding.n_output_dims, 3, mlp_neurons, mlp_hidden_layers)
+
+    def forward(self, points: torch.Tensor, directions: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        unit = ((points + self.radius) / (2.0 * self.radius)).clamp(0.0, 1.0)
+        enc = self.encoding(unit).to(points.dtype)
+        return {"rgb": torch.sigmoid(self.feature_network(enc))}
+
+    def parameter_groups(self, lr_encoding: float = 0.01, lr_network: float = 0.001) -> list[dict]:
+        return [{"params": list(self.encoding.parameters()), "lr": lr_encoding, "name": "texture.encoding"},
+                {"params": list(self.feature_network.parameters()), "lr": lr_network,
+                 "name": "texture.feature_network"}]

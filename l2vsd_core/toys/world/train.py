@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from ...files import atomic_write_bytes
-from ...prior.load import CLIP_TOKENIZER_DIR
+from ...prior.load import BUNDLED_PRIORS, CLIP_TOKENIZER_DIR
 from .data import batch_generator, drop_captions, make_batch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_EXPORT_DIR = PACKAGE_DIR / "prior"
+DEFAULT_EXPORT_DIR = BUNDLED_PRIORS["toy"]  # the prior loader owns where the bundled prior lives
 DEFAULT_TRAIN_DIR = Path("out") / "world_prior_train"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TEXT_LENGTH = 16

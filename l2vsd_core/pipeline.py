@@ -1,0 +1,121 @@
+"""Each stage as one call — its LoRA, its loop, its driver — and each export as one call: what ``generate`` chains
+and what each ComfyUI node calls once.
+
+==================  ===========================================================================================
+``optimize_nerf``   stage 1 on a given field, background and renderer (:class:`~l2vsd_core.stages.NerfStage`)
+``refine_geometry`` stage 2: a DMTet from the stage-1 density, refined on normal maps; → its final mesh
+``refine_texture``  stage 3: a fresh colour field and background on the fixed mesh
+``export_nerf``     iso-surface → decimation → UV atlas + baked texture → GLB/OBJ/PLY
+``export_refined``  a refined mesh → decimation → UV atlas + baked texture (colour field) → GLB/OBJ
+``write_turntable`` an orbit GIF of either
+==================  ===========================================================================================
+
+Every stage call takes its folder (files: :data:`~l2vsd_core.runner.STAGE_FILES`), ``resume`` and the caller's
+:class:`~l2vsd_core.runner.Hooks`, and returns the :class:`~l2vsd_core.runner.StageRun`.  A LoRA is made for the
+stage (on ``lora_base``, a second copy of the prior, when given) and taken off the UNet when the stage ends.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from . import build
+from .config import ExportConfig, GeometryConfig, LoRAConfig, NerfConfig, SceneConfig, BackgroundSettings, TextureConfig
+from .runner import Hooks, StageRun, eval_mode, run_stage, stage_files
+
+__all__ = ["optimize_nerf", "refine_geometry", "refine_texture", "export_nerf", "export_refined", "write_turntable"]
+
+
+def optimize_nerf(prior, prompts, field, background, renderer, config: NerfConfig, lora: LoRAConfig, folder,
+                  resume: bool = False, hooks: Optional[Hooks] = None, lora_base=None) -> StageRun:
+    from .stages import NerfStage
+
+    checkpoint, curves = stage_files(folder, "nerf")
+    with build.attached_lora(lora, prior, config.seed, build.ADAPTERS["nerf"], config.distill.needs_trainable_score,
+                             lora_base) as score:
+        stage = NerfStage(prior, score, prompts, field, background, renderer, config)
+        return run_stage(stage, checkpoint, curves, resume, hooks)
+
+
+def refine_geometry(prior, prompts, field, config: GeometryConfig, lora: LoRAConfig, folder, resume: bool = False,
+                    hooks: Optional[Hooks] = None, lora_base=None):
+    """→ ``(StageRun, final mesh or None when stopped, the stage)``.  ``ValueError`` ("no surface") when the stage-1
+    field has no surface at the config's threshold."""
+    from .stages import GeometryStage
+
+    checkpoint, curves = stage_files(folder, "geometry")
+    with build.attached_lora(lora, prior, config.seed, build.ADAPTERS["geometry"],
+                             config.distill.needs_trainable_score, lora_base) as score:
+        with eval_mode(field):
+            stage = GeometryStage.from_stage1(prior, score, prompts, field, config)
+        if hooks is not None:
+            box = [round(float(x), 3) for x in stage.dmtet.bbox.flatten()]
+            hooks.log(f"geometry stage: DMTet {config.dmtet_resolution}^3 over the box {box} at density "
+                      f"{stage.dmtet.isosurface_threshold:g}")
+        run = run_stage(stage, checkpoint, curves, resume, hooks)
+        return run, (None if run.stopped else stage.final_mesh()), stage
+
+
+def refine_texture(prior, prompts, mesh, scene: SceneConfig, background: BackgroundSettings, radius: float,
+                   config: TextureConfig, lora: LoRAConfig, folder, resume: bool = False,
+                   hooks: Optional[Hooks] = None, lora_base=None):
+    """A fresh colour field (the stage-1 grid settings) and background (threestudio's texture stage starts anew) on
+    the fixed ``mesh``; → ``(StageRun, the stage)`` (``stage.field``, ``stage.background``, ``stage.mesh``)."""
+    from .stages import TextureStage
+
+    device = mesh.vertices.device
+    color = build.texture_field(scene, radius, config.seed + 2).to(device)
+    shown = build.background(background, config.seed + 3).to(device)
+    checkpoint, curves = stage_files(folder, "texture")
+    with build.attached_lora(lora, prior, config.seed, build.ADAPTERS["texture"], config.distill.needs_trainable_score,
+                             lora_base) as score:
+        stage = TextureStage(prior, score, prompts, mesh, color, shown, config)
+        return run_stage(stage, checkpoint, curves, resume, hooks), stage
+
+
+def export_nerf(field, export: ExportConfig, path, format: Optional[str] = None, log=lambda m: None):
+    """The stage-1 field's iso-surface, decimated, UV-unwrapped, baked and written; → the ``trimesh.Trimesh``.
+    ``ValueError`` ("no surface") when the density never reaches the threshold."""
+    import time
+
+    from .export import bake_texture, decimate, extract_mesh, save_mesh
+
+    t0 = time.perf_counter()
+    with eval_mode(field):
+        mesh = extract_mesh(field, resolution=export.mesh_resolution, threshold=export.threshold)
+        if len(mesh.faces) > export.max_faces:
+            log(f"decimating the isosurface from {len(mesh.faces)} to {export.max_faces} faces")
+            mesh = decimate(mesh, export.max_faces)
+        mesh = bake_texture(mesh, field, texture_size=export.texture_size)
+        save_mesh(mesh, path, format=format, field=field)
+    log(f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces ({time.perf_counter() - t0:.1f} s)")
+    return mesh
+
+
+def export_refined(mesh, color, export: ExportConfig, path, log=lambda m: None):
+    """A refined mesh coloured by ``color`` (the stage-1 field after stage 2, the texture field after stage 3),
+    decimated, UV-unwrapped, baked and written (format by the suffix); → the ``trimesh.Trimesh``."""
+    import time
+
+    from .export import save_textured_mesh
+
+    t0 = time.perf_counter()
+    with eval_mode(color):
+        baked, _ = save_textured_mesh(mesh, color, path, texture_size=export.texture_size, max_faces=export.max_faces)
+    log(f"mesh: {len(baked.vertices)} vertices, {len(baked.faces)} faces ({time.perf_counter() - t0:.1f} s)")
+    return baked
+
+
+def write_turntable(path, export: ExportConfig, color, background, renderer=None, mesh=None,
+                    view=(15.0, 1.5, 70.0)) -> Path:
+    """An orbit GIF of a stage-1 field (``renderer``: its volume renderer) or of a ``mesh`` coloured by ``color``;
+    ``view``: (elevation°, distance, fovy°)."""
+    from .export import turntable_gif
+
+    if mesh is not None:
+        from .mesh.mesh_renderer import MeshRenderer
+        renderer = MeshRenderer().bind(mesh)
+    with eval_mode(color, background, renderer):
+        return Path(turntable_gif(renderer, color, background, path, n_views=export.turntable_views,
+                                  resolution=export.turntable_resolution, elevation_deg=view[0], distance=view[1],
+                                  fovy_deg=view[2]))
