@@ -14,10 +14,19 @@ import torch
 
 from .config import BackgroundSettings, LoRAConfig, SceneConfig
 
-__all__ = ["nerf_field", "background", "texture_field", "lora_score", "attached_lora", "ADAPTERS"]
+__all__ = ["prompt_processor", "nerf_field", "background", "texture_field", "lora_score", "attached_lora", "ADAPTERS"]
 
 # The LoRA adapter of each stage (a checkpoint's LoRA tensors are named after it).
 ADAPTERS = {"nerf": "l2vsd", "geometry": "l2vsd_geometry", "texture": "l2vsd_texture"}
+
+
+def prompt_processor(prior, prompt: str, negative_prompt: str = "", front_threshold: float = 30.0,
+                     back_threshold: float = 30.0):
+    """The view-dependent prompts, encoded once (ProlificDreamer: front/back view within ±30° of azimuth)."""
+    from .prompts import PromptProcessor
+
+    return PromptProcessor(prior.encode_text, prompt, negative_prompt=negative_prompt,
+                           front_threshold=front_threshold, back_threshold=back_threshold)
 
 
 def nerf_field(scene: SceneConfig, radius: float, seed: int):

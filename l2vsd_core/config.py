@@ -137,10 +137,10 @@ class BackgroundSettings:
     def __post_init__(self):
         if self.color is not None:
             require(isinstance(self.color, (list, tuple)) and len(self.color) == 3
-                    and all(is_num(c) and 0.0 <= c <= 1.0 for c in self.color), "background color", self.color,
+                    and all(is_num(c) and 0.0 <= c <= 1.0 for c in self.color), "color", self.color,
                     "three numbers in [0, 1] (R, G, B)")
             self.color = tuple(float(c) for c in self.color)
-        require(is_num(self.aug_prob) and 0.0 <= self.aug_prob <= 1.0, "background aug_prob", self.aug_prob,
+        require(is_num(self.aug_prob) and 0.0 <= self.aug_prob <= 1.0, "aug_prob", self.aug_prob,
                 "a number in [0, 1]")
 
 
@@ -157,9 +157,9 @@ class LoRAConfig:
 
     def __post_init__(self):
         _ints_at_least(self, 1, "rank")
-        require(self.alpha is None or (is_num(self.alpha) and self.alpha > 0), "lora alpha", self.alpha,
+        require(self.alpha is None or (is_num(self.alpha) and self.alpha > 0), "alpha", self.alpha,
                 "a number > 0 (or None: the rank)")
-        require(is_num(self.lr) and self.lr > 0, "lora lr", self.lr, "a finite number > 0")
+        require(is_num(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
         require(is_num(self.camera_dropout) and 0.0 <= self.camera_dropout <= 1.0, "camera_dropout",
                 self.camera_dropout, "a number in [0, 1]")
 
@@ -421,6 +421,8 @@ class RunConfig:
     config_dir: Optional[str] = None
     tokenizer_dir: Optional[str] = None
     threads: Optional[int] = None
+    front_threshold: float = 30.0                 # view-dependent prompts: azimuth within ±30° is "front view"
+    back_threshold: float = 30.0                  # (threestudio's ProlificDreamer configs; its class default: 45)
     scene: SceneConfig = field(default_factory=SceneConfig)
     background: BackgroundSettings = field(default_factory=BackgroundSettings)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -444,6 +446,14 @@ class RunConfig:
         return _from_json(cls, data, "")
 
 
+class ConfigError(ValueError):
+    """An invalid setting, with the dotted path of the field (``geometry.dmtet_resolution``)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 def _from_json(kind, data, where: str):
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'} must be an object; got {data!r}")
@@ -464,7 +474,12 @@ def _from_json(kind, data, where: str):
             kw[name] = tuple(value)
         else:
             kw[name] = value
-    return kind(**kw)
+    try:
+        return kind(**kw)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # the configs name the field first: "dmtet_resolution must be …"
+        raise ConfigError(where + str(e).split(" ")[0], str(e)) from e
 
 
 # ------------------------------------------------------------------------------------------------------- CLI options
@@ -532,6 +547,8 @@ def _build_options() -> list:
            ("epsilon", "v_prediction")),
         _o("config_dir", "config_dir", "str", "single files only: diffusers-layout config folder"),
         _o("tokenizer_dir", "tokenizer_dir", "str", "a local tokenizer folder to use instead of the model's"),
+        _o("front_threshold", "front_threshold", help="azimuth half-range (°) of the 'front view' prompt"),
+        _o("back_threshold", "back_threshold", help="azimuth half-range (°) of the 'back view' prompt"),
         _o("lora_rank", "lora.rank", "int"),
         _o("lora_alpha", "lora.alpha", help="LoRA alpha (default: the rank)"),
         _o("lora_lr", "lora.lr"),
@@ -656,5 +673,12 @@ def from_options(options: dict, base: Optional[RunConfig] = None) -> RunConfig:
             node[last] = value
     try:
         return RunConfig.from_json(data)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"invalid setting: {e}") from e
+    except ConfigError as e:
+        option = next((o for o in OPTIONS if e.path in o.paths), None)
+        if option is None:
+            raise ValueError(f"{e.path}: {e}") from e
+        field_name = e.path.rsplit(".", 1)[-1]
+        message = str(e)
+        flag = "--" + option.dest.replace("_", "-")
+        raise ValueError(flag + message[len(field_name):] if message.startswith(field_name)
+                         else f"{flag}: {message}") from e

@@ -97,7 +97,6 @@ def generate(options: Union[RunConfig, dict], progress: Optional[Callable] = Non
 
     from . import build, pipeline
     from .prior import load_prior
-    from .prompts import PromptProcessor
     from .stages import make_volume_renderer
 
     log = log or (lambda m: None)
@@ -114,7 +113,8 @@ def generate(options: Union[RunConfig, dict], progress: Optional[Callable] = Non
             stage_config.check_prior(prior)
     except ValueError as e:
         raise GenerateError(str(e)) from e
-    prompts = PromptProcessor(prior.encode_text, config.prompt, negative_prompt=config.negative_prompt)
+    prompts = build.prompt_processor(prior, config.prompt, config.negative_prompt, config.front_threshold,
+                                     config.back_threshold)
     field = build.nerf_field(config.scene, config.nerf.radius, config.nerf.seed).to(prior.device)
     background = build.background(config.background, config.nerf.seed + 1).to(prior.device)
     renderer = make_volume_renderer(config.nerf).to(prior.device)

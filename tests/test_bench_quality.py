@@ -44,8 +44,8 @@ def test_quality_benchmark_rows_summary_and_resume(stage1_runs):
 
 def test_stages_continue_finished_runs_and_resume(stage1_runs, tmp_path, monkeypatch):
     import l2vsd_core.generate as generate_module
-    from l2vsd_core.mesh.refine import GeometryRefiner, TextureRefiner
-    from l2vsd_core.optimize import Stage1Optimizer
+    from l2vsd_core.stages import GeometryStage, TextureStage
+    from l2vsd_core.stages import NerfStage
 
     out = tmp_path / "runs"
     shutil.copytree(stage1_runs[0], out)  # the stage-1 runs of the fixture, finished; theirs stay as they are
@@ -57,7 +57,7 @@ def test_stages_continue_finished_runs_and_resume(stage1_runs, tmp_path, monkeyp
         calls.append(options["stages"])
         return real_generate(options, **kw)
     monkeypatch.setattr(generate_module, "generate", counted_generate)
-    for loop in (Stage1Optimizer, GeometryRefiner, TextureRefiner):
+    for loop in (NerfStage, GeometryStage, TextureStage):
         def counted(self, _step=loop.step, _name=loop.__name__):
             steps.append((calls[-1], _name))
             return _step(self)
@@ -67,8 +67,8 @@ def test_stages_continue_finished_runs_and_resume(stage1_runs, tmp_path, monkeyp
     data = run_quality_benchmark(["a red cube"], ["l2vsd"], seeds=1, steps=3, out=out, reference_samples=8,
                                  log=logs.append, stages=3, refine_options=TINY_REFINE)
     assert calls == [2, 3]  # stage 1 was finished: only stages 2 and 3 ran ...
-    assert sorted(set(steps)) == [(2, "GeometryRefiner"), (3, "TextureRefiner")]  # ... each optimized once
-    assert steps.count((2, "GeometryRefiner")) == 2 and steps.count((3, "TextureRefiner")) == 2
+    assert sorted(set(steps)) == [(2, "GeometryStage"), (3, "TextureStage")]  # ... each optimized once
+    assert steps.count((2, "GeometryStage")) == 2 and steps.count((3, "TextureStage")) == 2
     [row] = data["rows"]
     assert list(row) == ["prompt", "method", "seed", *metric_keys(3)]
     assert {k: row[k] for k in ("fidelity", "frechet", "iou", "seconds")} == {
@@ -103,12 +103,12 @@ def test_refine_run_refuses_an_unfinished_stage_before(stage1_runs, tmp_path):
 
 
 def test_toy_options_add_the_refinement_settings_only_for_later_stages():
-    from l2vsd_core.toys.world.demo import TOY_OPTIONS, TOY_REFINE_OPTIONS, toy_options
+    from l2vsd_core.toys.world.demo import TOY_STAGE1, TOY_REFINE, toy_options
     one = toy_options("a red cube", "l2vsd", "out/x")
     three = toy_options("a red cube", "l2vsd", "out/x", stages=3, texture_steps=5)
-    assert one["stages"] == 1 and not set(TOY_REFINE_OPTIONS) & set(one)
-    assert three == {**one, **TOY_REFINE_OPTIONS, "stages": 3, "texture_steps": 5}  # stage 1 as with stages=1
-    assert all(one[k] == v for k, v in TOY_OPTIONS.items())
+    assert one["stages"] == 1 and not set(TOY_REFINE) & set(one)
+    assert three == {**one, **TOY_REFINE, "stages": 3, "texture_steps": 5}  # stage 1 as with stages=1
+    assert all(one[k] == v for k, v in TOY_STAGE1.items())
 
 
 def test_summary_means_and_stds():

@@ -13,7 +13,8 @@ import torch
 
 import tiny_sd
 from l2vsd_core.__main__ import main
-from l2vsd_core.generate import CONFIG_OPTIONS, generate
+from l2vsd_core.config import OPTIONS
+from l2vsd_core.generate import generate
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +43,11 @@ def _cli(args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_every_stage1_option_is_reachable():
-    from l2vsd_core.optimize import Stage1Config
-    names = {f.name for f in dataclasses.fields(Stage1Config)} - {"distill", "checkpoint_path"}
-    assert names == set(CONFIG_OPTIONS)
+def test_every_stage1_setting_is_reachable_from_the_cli():
+    from l2vsd_core.config import NerfConfig
+    names = {f.name for f in dataclasses.fields(NerfConfig)} - {"distill", "checkpoint_path", "lambda_distill"}
+    reachable = {path.split(".", 1)[1] for o in OPTIONS for path in o.paths if path.startswith("nerf.")}
+    assert names <= reachable
 
 
 def test_generate_then_resume(prior_dir, tmp_path):
@@ -64,7 +66,8 @@ def test_generate_then_resume(prior_dir, tmp_path):
     opts = config["options"]
     assert opts["prompt"] == "a red cube" and opts["negative_prompt"] == "blurry" and opts["method"] == "l2vsd"
     assert opts["steps"] == 4 and opts["levels"] == 2 and opts["samples_per_ray"] == 16 and opts["widths"] == [8, 16]
-    assert config["stage1"]["num_samples_per_ray"] == 16 and config["stage1"]["distill"]["method"] == "l2vsd"
+    nerf = config["config"]["nerf"]
+    assert nerf["num_samples_per_ray"] == 16 and nerf["distill"]["method"] == "l2vsd"
     scene = trimesh.load(out / "model.glb")
     meshes = list(scene.geometry.values()) if isinstance(scene, trimesh.Scene) else [scene]
     assert meshes and len(meshes[0].faces) > 0
@@ -80,7 +83,7 @@ def test_generate_then_resume(prior_dir, tmp_path):
 
 def _options(prior_dir, out, **kw):
     import argparse
-    from l2vsd_core.generate import add_generate_arguments, options_from_args
+    from l2vsd_core.cli import add_generate_arguments, options_from_args
     parser = add_generate_arguments(argparse.ArgumentParser())
     opts = options_from_args(parser.parse_args(_args(prior_dir, out, 3)[1:]))
     opts.update(kw)
@@ -239,11 +242,11 @@ def test_fixed_background_colour(prior_dir, tmp_path):
 def test_a_fresh_stage_1_drops_the_later_stages_checkpoints(prior_dir, tmp_path):
     """Without --resume, stage 1 starts anew, so an old geometry/texture checkpoint in the folder is stale: it is
     removed, or a later --resume --stages 2 would continue an old mesh on top of the new NeRF."""
-    from l2vsd_core.generate import STAGE_CHECKPOINTS
+    from l2vsd_core.runner import STAGE_FILES
 
     out = tmp_path / "run"
     out.mkdir()
-    stale = [out / name for _n, name in STAGE_CHECKPOINTS.values()]
+    stale = [out / STAGE_FILES[name][0] for name in ("geometry", "texture")]
     stale += [p.with_name(p.name + ".json") for p in stale]
     for path in stale:
         path.write_text("old")

@@ -8,7 +8,8 @@ import torch
 
 import tiny_sd
 from l2vsd_core.distill import DistillConfig
-from l2vsd_core.optimize import Stage1Config, Stage1Optimizer
+from l2vsd_core.config import NerfConfig
+from l2vsd_core.stages import NerfStage, make_volume_renderer
 from l2vsd_core.prior import load_prior
 from l2vsd_core.prompts import PromptProcessor
 from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, FieldConfig, ImplicitVolume
@@ -31,7 +32,7 @@ def _config(method="l2vsd", **kw):
                 preview_views=4, lambda_opaque=(2, 0.0, 1.0, 4), lambda_z_variance=0.5,
                 distill=DistillConfig(method=method, timesteps=TimestepSampler(1000, 0.02, 0.98)))
     base.update(kw)
-    return Stage1Config(**base)
+    return NerfConfig(**base)
 
 
 def _build(prior_dir, config, log2_table=8):
@@ -48,7 +49,7 @@ def _build(prior_dir, config, log2_table=8):
                                                                per_level_scale=2.0),
                                        backend="torch", mlp_neurons=16, normal_type=None), seed=1)
     background = EnvironmentBackground(BackgroundConfig(sh_degree=2, mlp_neurons=8, mlp_hidden_layers=1), seed=2)
-    return Stage1Optimizer(prior, score, prompts, field, background, config.make_renderer(), config)
+    return NerfStage(prior, score, prompts, field, background, make_volume_renderer(config), config)
 
 
 def _params(opt):
@@ -165,7 +166,7 @@ def test_nan_guard_skips_and_counts(prior_dir, monkeypatch, tmp_path):
     opt = _build(prior_dir, _config("sds"))
     assert opt.step()["skipped"] == 0.0
     # a non-finite loss from the estimator: the scene is not updated
-    import l2vsd_core.optimize as optimize
+    import l2vsd_core.stages.base as optimize
     real = optimize.score_distillation
 
     def nan_loss(*args, **kwargs):

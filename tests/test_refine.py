@@ -14,8 +14,11 @@ import tiny_sd
 from l2vsd_core.distill import DistillConfig
 from l2vsd_core.mesh.dmtet import DMTet, TriangleMesh
 from l2vsd_core.mesh.mesh_renderer import MeshRenderer
-from l2vsd_core.mesh.refine import (GeometryConfig, GeometryRefiner, TextureConfig, TextureField, TextureRefiner,
-                                    dmtet_from_density, save_textured_mesh)
+from l2vsd_core.config import GeometryConfig, TextureConfig
+from l2vsd_core.export import save_textured_mesh
+from l2vsd_core.mesh.dmtet import dmtet_from_density
+from l2vsd_core.scene.field import TextureField
+from l2vsd_core.stages import GeometryStage, TextureStage
 from l2vsd_core.prior import load_prior
 from l2vsd_core.prompts import PromptProcessor
 from l2vsd_core.scene.cameras import CameraBatch
@@ -182,7 +185,7 @@ def _geometry(prior_dir, method="sds", **kw):
     base.update(kw)
     score = _score(prior, "geometry") if method != "sds" else None
     prompts = PromptProcessor(prior.encode_text, "a red cube", negative_prompt="blurry")
-    return GeometryRefiner.from_stage1(prior, score, prompts, _stage1_field(), GeometryConfig(**base))
+    return GeometryStage.from_stage1(prior, score, prompts, _stage1_field(), GeometryConfig(**base))
 
 
 def _sphere():
@@ -201,7 +204,7 @@ def _texture(prior_dir, method="vsd", mesh=None, **kw):
     prompts = PromptProcessor(prior.encode_text, "a red cube", negative_prompt="blurry")
     field = TextureField(hashgrid=TINY_GRID, backend="torch", mlp_neurons=16, seed=7)
     background = EnvironmentBackground(BackgroundConfig(sh_degree=2, mlp_neurons=8, mlp_hidden_layers=1), seed=8)
-    return TextureRefiner(prior, score, prompts, _sphere() if mesh is None else mesh, field, background,
+    return TextureStage(prior, score, prompts, _sphere() if mesh is None else mesh, field, background,
                           TextureConfig(**base))
 
 
@@ -277,7 +280,7 @@ def test_geometry_resume_is_exact(prior_dir, tmp_path, method):
 
 
 def test_geometry_nan_guard_and_empty_mesh(prior_dir, monkeypatch):
-    import l2vsd_core.mesh.refine as refine
+    import l2vsd_core.stages.base as refine
 
     geo = _geometry(prior_dir)
     real = refine.score_distillation
@@ -333,7 +336,8 @@ def test_texture_resume_is_exact(prior_dir, tmp_path, method):
 
 
 def test_refused_checkpoints(prior_dir, tmp_path):
-    from l2vsd_core.optimize import Stage1Config, Stage1Optimizer
+    from l2vsd_core.config import NerfConfig
+    from l2vsd_core.stages import NerfStage, make_volume_renderer
 
     geo = _geometry(prior_dir)
     geo.step()
@@ -353,10 +357,10 @@ def test_refused_checkpoints(prior_dir, tmp_path):
         _texture(prior_dir, "sds", mesh=other_mesh).load_checkpoint(tex_ckpt)
     # a stage-1 checkpoint is not a geometry checkpoint
     prior = load_prior(prior_dir, device="cpu")
-    s1 = Stage1Config(steps=1, widths=(16,), resolution_milestones=(), num_samples_per_ray=8, grid_resolution=8,
+    s1 = NerfConfig(steps=1, widths=(16,), resolution_milestones=(), num_samples_per_ray=8, grid_resolution=8,
                       preview_resolution=16, distill=_distill("sds"))
     prompts = PromptProcessor(prior.encode_text, "a red cube")
-    stage1 = Stage1Optimizer(prior, None, prompts, _stage1_field(), None, s1.make_renderer(), s1)
+    stage1 = NerfStage(prior, None, prompts, _stage1_field(), None, make_volume_renderer(s1), s1)
     s1_ckpt = stage1.save_checkpoint(tmp_path / "s1.safetensors")
     with pytest.raises(ValueError, match="not a valid geometry-stage checkpoint"):
         _geometry(prior_dir).load_checkpoint(s1_ckpt)
@@ -371,9 +375,9 @@ def test_no_surface_and_bad_inputs(prior_dir):
         _geometry(prior_dir, isosurface_threshold=1e9)
     with pytest.raises(ValueError, match="needs a trainable score"):
         prior = load_prior(prior_dir, device="cpu")
-        GeometryRefiner(prior, None, PromptProcessor(prior.encode_text, "x"), DMTet(4),
+        GeometryStage(prior, None, PromptProcessor(prior.encode_text, "x"), DMTet(4),
                         GeometryConfig(resolution=16, preview_resolution=16, distill=_distill("vsd")))
-    with pytest.raises(ValueError, match="resolution 9 must be a multiple of the prior's pixel factor 2"):
+    with pytest.raises(ValueError, match=r"resolution 9 \(renders \[9\].*must be a multiple of the prior.s pixel factor 2"):
         _geometry(prior_dir, resolution=9)
     with pytest.raises(ValueError, match="needs a mesh with faces"):
         _texture(prior_dir, "sds", mesh=TriangleMesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)))
@@ -396,7 +400,7 @@ def test_export_bakes_any_colour_function(tmp_path):
 # ----------------------------------------------------------------------------------------------------- generate
 def _options(prior_dir, out, **kw):
     import argparse
-    from l2vsd_core.generate import add_generate_arguments, options_from_args
+    from l2vsd_core.cli import add_generate_arguments, options_from_args
     args = ["--prompt", "a red cube", "--negative-prompt", "blurry", "--prior", str(prior_dir), "--out", str(out),
             "--method", "vsd", "--steps", "2", "--device", "cpu", "--threads", "1", "--levels", "2",
             "--log2-hashmap-size", "8", "--base-resolution", "4", "--max-resolution", "8", "--mlp-neurons", "16",
@@ -424,7 +428,7 @@ def test_generate_three_stages_then_resume(prior_dir, tmp_path):
                  "texture.safetensors", "texture.safetensors.json", "geometry_curves.png", "texture_curves.json",
                  "model.glb", "turntable.gif", "curves.png"):
         assert (out / name).is_file(), name
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())["config"]
     assert config["geometry"]["distill"]["method"] == "sds" and config["texture"]["distill"]["method"] == "vsd"
     assert config["geometry"]["dmtet_resolution"] == 12 and config["texture"]["resolution"] == 16
     loaded = trimesh.load(out / "model.glb", force="mesh")
@@ -435,7 +439,7 @@ def test_generate_three_stages_then_resume(prior_dir, tmp_path):
     messages.clear()
     result = generate(_options(prior_dir, out, resume=True, texture_steps=3), log=messages.append)
     assert result["stage_steps"] == {"stage1": 2, "geometry": 2, "texture": 3}
-    assert any("resumed the texture stage" in m and "at step 2" in m for m in messages), messages
+    assert any("resumed from" in m and "at step 2 (texture stage)" in m for m in messages), messages
     assert [t["done"] for t in json.loads((out / "texture_curves.json").read_text())] == [1, 2, 3]
     # a longer geometry stage makes the texture checkpoint stale: the texture stage starts anew
     messages.clear()
@@ -464,5 +468,5 @@ def test_generate_stops_inside_a_stage_and_checks_stages(prior_dir, tmp_path):
         generate(_options(prior_dir, tmp_path / "empty", stages=2, method="sds", steps=1, threshold=1e9),
                  log=lambda m: None)
     assert (tmp_path / "empty" / "checkpoint.safetensors").is_file()
-    with pytest.raises(ValueError, match="resolution 13 must be a multiple of the prior.s pixel factor 2"):
+    with pytest.raises(ValueError, match=r"resolution 13 \(renders \[13\].*must be a multiple of the prior.s pixel factor 2"):
         generate(_options(prior_dir, tmp_path / "bad", texture_resolution=13, method="sds"), log=lambda m: None)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     quality.add_argument("--steps", type=int, default=None, help="stage-1 steps per run (default: the demo's)")
     quality.add_argument("--stages", type=int, default=1, choices=(1, 2, 3),
                          help="2: each run goes on through the geometry refinement, 3: and the texture one "
-                              "(the toy's TOY_REFINE_OPTIONS), each stage's GLB scored")
+                              "(the toy's TOY_REFINE), each stage's GLB scored")
     quality.add_argument("--out", default="out/bench_quality", help="run folders (finished runs are reused)")
     quality.add_argument("--json", help="write the results here")
     quality.add_argument("--grid", help="also write a PNG of turntable frames per prompt and method (seed 0)")

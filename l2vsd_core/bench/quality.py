@@ -66,7 +66,7 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
                           log: Callable[[str], None] = print, stages: int = 1,
                           refine_options: Optional[dict] = None) -> dict:
     """Every prompt × method × seed on the toy prior, ``stages`` 1..3 each; returns ``{"config", "rows",
-    "summary"}``.  ``refine_options``: settings of stages 2 and 3 (default ``demo.TOY_REFINE_OPTIONS``)."""
+    "summary"}``.  ``refine_options``: settings of stages 2 and 3 (default ``demo.TOY_REFINE``)."""
     from ..prior import load_prior
     from ..toys.world import demo
     from ..toys.world.metrics import parse_prompt, prior_samples
@@ -80,7 +80,7 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
         raise ValueError(f"seeds must be >= 1; got {seeds}")
     if stages not in (1, 2, 3):
         raise ValueError(f"stages must be 1, 2 or 3; got {stages!r}")
-    refine_options = dict(demo.TOY_REFINE_OPTIONS if refine_options is None else refine_options)
+    refine_options = dict(demo.TOY_REFINE if refine_options is None else refine_options)
     prior = load_prior(demo.BUNDLED_PRIOR, device="cpu")
     keys = metric_keys(stages)
     rows = []
@@ -121,7 +121,7 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
                     + (f", {row[f'seconds{sfx}']:.0f} s" if f"seconds{sfx}" in row else "")
                     for label, sfx in _stage_rows(stages)))
     config = {"prompts": list(prompts), "methods": list(methods), "seeds": seeds,
-              "steps": steps or demo.TOY_OPTIONS["steps"], "prior": str(demo.BUNDLED_PRIOR),
+              "steps": steps or demo.TOY["steps"], "prior": str(demo.BUNDLED_PRIOR),
               "reference_samples": reference_samples, "stages": stages}
     if stages > 1:
         config["refine_options"] = refine_options

@@ -1,12 +1,12 @@
 """Text → 3D on the bundled toy prior, scored: what ``make demo`` and ``bench quality`` run.
 
-``run(prompt, method, out)`` is :func:`l2vsd_core.generate.generate` with :data:`TOY_OPTIONS` (stage 1 sized for the
-32×32 world prior and two CPU cores) followed by :func:`score_run`, which rebuilds the optimized scene from the run's
-``config.json`` and checkpoint and writes ``metrics.json`` next to the GLB.
+``run(prompt, method, out)`` is :func:`l2vsd_core.generate.generate` on the bundled prior with its recipe
+(:data:`l2vsd_core.recipes.TOY`: stage 1 sized for the 32×32 world prior and two CPU cores) followed by
+:func:`score_run`, which rebuilds the optimized scene from the run's ``config.json`` and checkpoint and writes
+``metrics.json`` next to the GLB.
 
-``run(..., stages=2 or 3)`` goes on in the same folder with :func:`refine_run`: ``generate --resume --stages k``
-with :data:`TOY_REFINE_OPTIONS`, which reuses the finished stage-1 checkpoint (and, for stage 3, the finished
-geometry one).  Since ``model.glb`` is always the last stage's, each stage's GLB is kept as ``model_s<k>.glb`` and
+``run(..., stages=2 or 3)`` goes on in the same folder with :func:`refine_run`: ``generate --resume --stages k``,
+which reuses the finished stage-1 checkpoint (and, for stage 3, the finished geometry one).  Since ``model.glb`` is always the last stage's, each stage's GLB is kept as ``model_s<k>.glb`` and
 scored as what the user would get after that stage (``fidelity_s<k>``, ``frechet_s<k>``, ``iou_s<k>`` in
 ``metrics.json``, next to the stage-1 field's ``fidelity``, ``frechet``, ``iou``).
 
@@ -23,33 +23,13 @@ from typing import Callable, Optional
 import torch
 
 from ...files import atomic_write_bytes, atomic_write_text
-from .train import DEFAULT_EXPORT_DIR
+from ...prior.load import BUNDLED_PRIORS
+from ...recipes import TOY, toy_anneal
 
-BUNDLED_PRIOR = DEFAULT_EXPORT_DIR
-
-# Stage 1 for a 32×32 pixel prior: one resolution, a small hash grid, 64 samples per ray, a short run; the
-# estimator settings stay ProlificDreamer's (CFG 7.5, t ∈ [0.02, 0.98], LoRA rank 4) except the LoRA's learning
-# rate (1e-3: a few hundred steps instead of 25 000).
-TOY_OPTIONS = {
-    "steps": 400, "widths": [32], "milestones": [], "samples_per_ray": 64, "grid_resolution": 32,
-    "levels": 8, "log2_hashmap_size": 15, "base_resolution": 16, "max_resolution": 256.0, "mlp_neurons": 32,
-    "lora_rank": 4, "lora_lr": 1e-3, "guidance_scale": 7.5, "checkpoint_every": 100, "preview_every": 0,
-    "preview_resolution": 32, "lambda_opaque": 0.0, "mesh_resolution": 64, "texture_size": 256,
-    "turntable_views": 24, "turntable_resolution": 64, "device": "cpu",
-    # the world's own white background, fixed: this prior never saw another, and behind a learned environment map
-    # (grey at first, randomly recoloured half the time) it distilled a frame-filling blob instead of the object
-    "background_color": [1.0, 1.0, 1.0],
-}
-
-# Stages 2 and 3 for the toy, each about a minute on one CPU thread: renders at the prior's 32 px and a 32³ DMTet over
-# the object's box.  Measured with l2vsd on "a red cube" (one thread of 2 shared cores): 0.13-0.21 s per geometry
-# step and 0.20-0.32 s per texture step, plus ≈6 s per stage of loading, DMTet set-up, export and turntable, so
-# 45-70 s per stage.  The estimators stay ProlificDreamer's (SDS at CFG 100 on normal maps, then the run's method on
-# the colour).
-TOY_REFINE_OPTIONS = {
-    "geometry_steps": 300, "geometry_resolution": 32, "dmtet_resolution": 32,
-    "texture_steps": 200, "texture_resolution": 32,
-}
+BUNDLED_PRIOR = BUNDLED_PRIORS["toy"]
+REFINE_KEYS = ("geometry_steps", "geometry_resolution", "dmtet_resolution", "texture_steps", "texture_resolution")
+TOY_STAGE1 = {k: v for k, v in TOY.items() if k not in REFINE_KEYS}  # what a one-stage run records
+TOY_REFINE = {k: TOY[k] for k in REFINE_KEYS}  # stages 2 and 3
 
 METHOD_PRESETS = {
     "sds": {"method": "sds"},
@@ -75,20 +55,15 @@ def stage_glb(run_dir, stage: int) -> Path:
 
 def toy_options(prompt: str, method: str, out, seed: int = 0, steps: Optional[int] = None, stages: int = 1,
                 **overrides) -> dict:
-    """:func:`~l2vsd_core.generate.generate`'s options for the toy: :data:`TOY_OPTIONS`, with
-    :data:`TOY_REFINE_OPTIONS` for ``stages`` 2 and 3, the method's preset, then ``overrides``."""
+    """:func:`~l2vsd_core.generate.generate`'s options for the toy: the toy recipe (:data:`l2vsd_core.recipes.TOY`;
+    the later stages' settings with ``stages`` 2 and 3), the method's preset, then ``overrides``."""
     if method not in METHOD_PRESETS:
         raise ValueError(f"method must be one of {', '.join(METHOD_PRESETS)}; got {method!r}")
-    options = dict(TOY_OPTIONS, prompt=prompt, prior=str(BUNDLED_PRIOR), out=str(out), seed=int(seed))
+    options = dict(TOY if stages > 1 else TOY_STAGE1, prompt=prompt, prior="toy", out=str(out), seed=int(seed))
     options["stages"] = int(stages)
-    if stages > 1:
-        options.update(TOY_REFINE_OPTIONS)
     if steps is not None:
         options["steps"] = int(steps)
-    # ProlificDreamer's timestep range, scaled to the run: t ≤ 0.98 for the first fifth (its 5000 of 25 000 steps),
-    # then t ≤ 0.5
-    anneal = max(1, options["steps"] // 5)
-    options["max_step_percent"] = [anneal, 0.98, 0.5, anneal + 1]
+    options["max_step_percent"] = toy_anneal(options["steps"])  # ProlificDreamer's anneal, scaled to the run
     options.update(METHOD_PRESETS[method])
     options.update(overrides)
     return options
@@ -97,14 +72,16 @@ def toy_options(prompt: str, method: str, out, seed: int = 0, steps: Optional[in
 def load_run(run_dir, device: str = "cpu"):
     """(field, renderer, options) of a finished or stopped ``generate`` run, from its config.json and checkpoint."""
     from safetensors.torch import load_file
-    from ...generate import CHECKPOINT_NAME, _scene
+    from ...build import nerf_field
+    from ...config import RunConfig
+    from ...generate import OUTPUT_NAMES
     from ...scene.renderer import VolumeRenderer
 
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    options = config["options"]
-    field, _background = _scene(options, torch.device(device))
-    tensors = load_file(str(run_dir / CHECKPOINT_NAME))
+    recorded = json.loads((run_dir / OUTPUT_NAMES["config"]).read_text())
+    options, config = recorded["options"], RunConfig.from_json(recorded["config"])
+    field = nerf_field(config.scene, config.nerf.radius, config.nerf.seed).to(torch.device(device))
+    tensors = load_file(str(run_dir / OUTPUT_NAMES["checkpoint"]))
     field.load_state_dict({k[len("field."):]: v for k, v in tensors.items() if k.startswith("field.")})
     renderer = VolumeRenderer(radius=float(options["radius"]), num_samples_per_ray=int(options["samples_per_ray"]))
     return field.eval(), renderer.eval(), options
@@ -123,7 +100,7 @@ def score_run(run_dir, prior=None, reference: Optional[torch.Tensor] = None,
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.json"
     options = json.loads((run_dir / "config.json").read_text())["options"]
-    prior = prior if prior is not None else load_prior(options["prior"], device="cpu")
+    prior = prior if prior is not None else load_prior(options["prior"], device="cpu")  # "toy" or a path
     known = json.loads(metrics_file.read_text()) if keep_field_scores and metrics_file.is_file() else {}
     if all(name in known for name in FIELD_SCORES):
         scores = {name: known[name] for name in FIELD_SCORES}
@@ -180,12 +157,12 @@ def refine_run(out, stage: int, prior=None, reference: Optional[torch.Tensor] = 
                log: Optional[Callable[[str], None]] = None, progress: Optional[Callable] = None,
                **overrides) -> dict:
     """Take a finished run in ``out`` on to ``stage`` (2: geometry, 3: texture; the stage before must be finished)
-    and score it: ``generate`` with the run's recorded options (so stage 1 is loaded, never re-optimized),
-    :data:`TOY_REFINE_OPTIONS` and ``overrides``, ``stages=stage``, ``resume=True``.  Keeps the stage-1 GLB as
+    and score it: ``generate`` with the run's recorded options (so stage 1 is loaded, never re-optimized), the toy
+    recipe's later-stage settings and ``overrides``, ``stages=stage``, ``resume=True``.  Keeps the stage-1 GLB as
     ``model_s1.glb`` before stage 2 overwrites ``model.glb``, and this stage's as ``model_s<stage>.glb``.  Returns
     :func:`score_run`'s scores with ``seconds_s<stage>`` (the whole ``generate`` call: loading, the stage, its
     export and turntable), ``paths`` and ``stopped``."""
-    from ...generate import CHECKPOINT_NAME, OUTPUT_NAMES, generate
+    from ...generate import OUTPUT_NAMES, generate
 
     if stage not in (2, 3):
         raise ValueError(f"refine_run takes a run on to stage 2 or 3; got {stage!r}")
@@ -193,7 +170,7 @@ def refine_run(out, stage: int, prior=None, reference: Optional[torch.Tensor] = 
     recorded = json.loads((run_dir / OUTPUT_NAMES["config"]).read_text())["options"]
     # generate --resume would go on optimizing an unfinished stage 1 (or run stage 2 inside the stage-3 call, its GLB
     # never kept): refuse instead
-    stage1 = json.loads((run_dir / f"{CHECKPOINT_NAME}.json").read_text())
+    stage1 = json.loads((run_dir / f"{OUTPUT_NAMES['checkpoint']}.json").read_text())
     if stage1["step"] < recorded["steps"]:
         raise ValueError(f"stage 1 in {run_dir} is not finished (step {stage1['step']} of {recorded['steps']}): "
                          f"finish it first (python -m l2vsd_core generate --resume, see its config.json)")
@@ -202,7 +179,7 @@ def refine_run(out, stage: int, prior=None, reference: Optional[torch.Tensor] = 
     glb = run_dir / OUTPUT_NAMES["mesh"]
     if stage == 2 and glb.is_file() and not stage_glb(run_dir, 1).is_file():
         atomic_write_bytes(stage_glb(run_dir, 1), glb.read_bytes())  # still stage 1's: stage 2 has not exported
-    options = {**recorded, **TOY_REFINE_OPTIONS, **overrides, "stages": stage, "resume": True, "out": str(run_dir)}
+    options = {**recorded, **TOY_REFINE, **overrides, "stages": stage, "resume": True, "out": str(run_dir)}
     start = time.perf_counter()
     result = generate(options, progress=progress, log=log or (lambda m: None))
     seconds = time.perf_counter() - start
@@ -218,15 +195,15 @@ def main(argv=None) -> int:
     [--out out/demo]``"""
     import argparse
     import sys
-    from ...generate import _Bar
+    from ...cli import StageBars
 
     parser = argparse.ArgumentParser(prog="python -m l2vsd_core.toys.world.demo",
                                      description="text → textured mesh on the bundled toy prior, with its scores")
     parser.add_argument("--prompt", default="a red cube", help="'a COLOR SHAPE' of the toy world")
     parser.add_argument("--method", default="l2vsd", choices=sorted(METHOD_PRESETS))
-    parser.add_argument("--steps", type=int, default=TOY_OPTIONS["steps"])
+    parser.add_argument("--steps", type=int, default=TOY["steps"])
     parser.add_argument("--stages", type=int, default=1, choices=(1, 2, 3),
-                        help="2: + geometry refinement, 3: + texture refinement (TOY_REFINE_OPTIONS)")
+                        help="2: + geometry refinement, 3: + texture refinement (the toy recipe's sizes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -239,26 +216,8 @@ def main(argv=None) -> int:
                              f"`python -m l2vsd_core.toys.world train`")
     except ValueError as e:
         parser.error(str(e))
-    bar, bar_stage = None, None
-
-    def progress(done, total, terms):
-        nonlocal bar, bar_stage
-        stage = int(terms.get("stage", 1))
-        if bar is None or stage != bar_stage:  # one bar per stage
-            if bar is not None:
-                bar.close()
-            bar, bar_stage = _Bar(total, done - 1, None if args.stages == 1 else f"stage {stage}"), stage
-        bar(done, total, terms)
-
-    def close_bar():
-        nonlocal bar
-        if bar is not None:
-            bar.close()
-            bar = None
-
-    def log(message):
-        close_bar()  # finish the bar's line first
-        print(message, file=sys.stderr, flush=True)
+    bars = StageBars(label=lambda stage: None if args.stages == 1 else f"stage {int(stage or 1)}")
+    progress, log, close_bar = bars, bars.log, bars.close
 
     try:
         result = run(args.prompt, args.method, args.out, seed=args.seed, steps=args.steps, log=log,
