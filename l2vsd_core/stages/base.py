@@ -45,6 +45,19 @@ from ..scene.cameras import RandomCameraSampler, orbit_cameras
 PathLike = Union[str, os.PathLike]
 
 
+def colour_optimizer(field: nn.Module, background: Optional[nn.Module], config) -> torch.optim.AdamW:
+    """AdamW over a colour field's and a background's named parameter groups (stages 1 and 3: threestudio's
+    encoding 0.01, networks 0.001, background 0.001)."""
+    groups = field.parameter_groups(config.lr_encoding, config.lr_network)
+    if background is not None:
+        groups += background.parameter_groups(config.lr_background)
+    return torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+
+
+def field_modules(field: nn.Module, background: Optional[nn.Module]) -> dict[str, nn.Module]:
+    return {"field": field, **({"background": background} if background is not None else {})}
+
+
 class Stage:
     """A score-distillation stage over a scene (subclass: its modules, render, regularizers and preview).
 

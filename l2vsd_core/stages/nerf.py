@@ -21,7 +21,7 @@ from torch import nn
 from ..config import NerfConfig
 from ..schedules import scheduled_value
 from ..scene.renderer import OccupancyGrid, VolumeRenderer
-from .base import Stage
+from .base import Stage, colour_optimizer, field_modules
 
 __all__ = ["NerfStage", "make_volume_renderer", "NERF_FORMAT"]
 
@@ -53,19 +53,10 @@ class NerfStage(Stage):
         super().__init__(prior, score, prompt_processor, config, renderer, device)
         self.field, self.background = field, background
         self.grid: Optional[OccupancyGrid] = renderer.occupancy_grid
-        groups = field.parameter_groups(config.lr_encoding, config.lr_network)
-        if background is not None:
-            groups += background.parameter_groups(config.lr_background)
-        self.optimizer = torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = colour_optimizer(field, background, config)
 
     def modules(self) -> dict[str, nn.Module]:
-        mods = {"field": self.field}
-        if self.background is not None:
-            mods["background"] = self.background
-        if self.grid is not None:
-            mods["grid"] = self.grid
-        return mods
+        return {**field_modules(self.field, self.background), **({"grid": self.grid} if self.grid is not None else {})}
 
     def mode_modules(self) -> list[nn.Module]:
         return [m for m in (self.field, self.background, self.renderer) if m is not None]

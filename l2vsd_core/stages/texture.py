@@ -20,7 +20,7 @@ from torch import nn
 from ..config import TextureConfig
 from ..mesh.dmtet import TriangleMesh
 from ..mesh.mesh_renderer import MeshRenderer
-from .base import Stage
+from .base import Stage, colour_optimizer, field_modules
 
 __all__ = ["TextureStage", "TEXTURE_FORMAT"]
 
@@ -53,17 +53,10 @@ class TextureStage(Stage):
         self.mesh = TriangleMesh(vertices.detach().to(device=first.device, dtype=first.dtype).clone(),
                                  faces.detach().to(device=first.device, dtype=torch.long).clone())
         self.field, self.background = field, background
-        groups = field.parameter_groups(config.lr_encoding, config.lr_network)
-        if background is not None:
-            groups += background.parameter_groups(config.lr_background)
-        self.optimizer = torch.optim.AdamW(groups, betas=tuple(config.betas), eps=config.eps,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = colour_optimizer(field, background, config)
 
     def modules(self) -> dict[str, nn.Module]:
-        mods = {"field": self.field}
-        if self.background is not None:
-            mods["background"] = self.background
-        return mods
+        return field_modules(self.field, self.background)
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {"mesh.vertices": self.mesh.vertices, "mesh.faces": self.mesh.faces}
