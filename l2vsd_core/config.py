@@ -65,6 +65,8 @@ def _weights(cfg, *names: str) -> None:
         check_scheduled(name, v)
         vals = [v] if is_num(v) else [v[1], v[2]]
         require(all(x >= 0 for x in vals), name, v, "a weight >= 0 (or a schedule of weights >= 0)")
+        if isinstance(v, list):
+            setattr(cfg, name, tuple(v))  # one spelling of a schedule, so that configs compare equal
 
 
 def _pair(cfg, *names: str) -> None:
@@ -295,7 +297,7 @@ def _geometry_distill() -> DistillConfig:
 
 
 def _texture_distill() -> DistillConfig:
-    return _pd_distill("vsd", 7.5, 30000)
+    return _pd_distill("l2vsd", 7.5, 30000)  # stage 1's estimator (threestudio: the same VSD guidance)
 
 
 @dataclass
@@ -469,8 +471,7 @@ def _from_json(kind, data, where: str):
         sub = type(default) if dataclasses.is_dataclass(default) else hint
         if sub is not None and dataclasses.is_dataclass(sub):
             kw[name] = _from_json(sub, value, f"{where}{name}.")
-        elif isinstance(value, list) and not name.startswith("lambda_") and name not in (
-                "min_step_percent", "max_step_percent", "grad_clip"):
+        elif isinstance(value, list) and name not in ("min_step_percent", "max_step_percent", "grad_clip"):
             kw[name] = tuple(value)
         else:
             kw[name] = value

@@ -63,9 +63,12 @@ def refine_texture(prior, prompts, mesh, scene: SceneConfig, background: Backgro
     the fixed ``mesh``; → ``(StageRun, the stage)`` (``stage.field``, ``stage.background``, ``stage.mesh``)."""
     from .stages import TextureStage
 
+    import dataclasses
+
     device = mesh.vertices.device
     color = build.texture_field(scene, radius, config.seed + 2).to(device)
-    shown = build.background(background, config.seed + 3).to(device)
+    # threestudio's texture config leaves the environment map's random recolouring off
+    shown = build.background(dataclasses.replace(background, aug_prob=0.0), config.seed + 3).to(device)
     checkpoint, curves = stage_files(folder, "texture")
     with build.attached_lora(lora, prior, config.seed, build.ADAPTERS["texture"], config.distill.needs_trainable_score,
                              lora_base) as score:
