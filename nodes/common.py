@@ -5,7 +5,7 @@ pack must stay importable (cheaply, without torch) where ComfyUI is absent.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import math
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 CATEGORY_ROOT = "L2VSD"
@@ -60,20 +60,114 @@ def check_prompt(prompt: str) -> None:
         raise input_error("prompt", "is empty", "describe the object to generate, e.g. 'a red cube'")
 
 
-@contextmanager
 def eval_mode(*modules):
     """The torch modules among ``modules`` in evaluation mode for the block, then back to their own modes (node
-    inputs are cached by ComfyUI and shared: they are left as they came)."""
-    import torch
-    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
-    was_training = [m.training for m in modules]
-    for module in modules:
-        module.eval()
+    inputs are cached by ComfyUI and shared: they are left as they came) — ``l2vsd_core.runner.eval_mode``."""
+    from l2vsd_core.runner import eval_mode as core_eval_mode
+    return core_eval_mode(*modules)
+
+
+# ------------------------------------------------------------------------------------------------ parsing inputs
+def _number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def parse_schedule(name: str, text) -> object:
+    """A STRING input holding a number or threestudio's schedule ``start_step,v0,v1,end_step`` → a float or
+    ``[start, v0, v1, end]`` (the config's ``Scheduled``); anything else is an input error naming ``name``."""
+    fix = "write a number such as 0.98, or start_step,v0,v1,end_step such as 5000,0.98,0.5,5001"
+    parts = [p.strip() for p in str(text).split(",")]
     try:
-        yield
-    finally:
-        for module, training in zip(modules, was_training):
-            module.train(training)
+        values = [_number(p) for p in parts]
+    except ValueError:
+        raise input_error(name, f"{str(text)!r} is not a number or a schedule", fix) from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 4:
+        raise input_error(name, f"{str(text)!r} has {len(values)} numbers (a schedule has 4)", fix)
+    start, v0, v1, end = values
+    if not (start.is_integer() and end.is_integer()):
+        raise input_error(name, f"the steps of {str(text)!r} are not whole numbers", fix)
+    return [int(start), v0, v1, int(end)]
+
+
+def parse_resolution_schedule(name: str, text) -> tuple:
+    """``"WIDTH@STEP, ..."`` → ``((width, ...), (step, ...))``; empty → ``((), ())``."""
+    fix = "write comma-separated WIDTH@STEP entries such as 512@5000 (the render width becomes WIDTH at STEP), " \
+          "or leave it empty for one resolution throughout"
+    text = str(text).strip()
+    if not text:
+        return (), ()
+    widths, steps = [], []
+    for entry in text.split(","):
+        width, at, step = entry.strip().partition("@")
+        try:
+            if not at:
+                raise ValueError(entry)
+            widths.append(int(width.strip()))
+            steps.append(int(step.strip()))
+        except ValueError:
+            raise input_error(name, f"{entry.strip()!r} is not WIDTH@STEP", fix) from None
+    if any(w < 1 for w in widths) or any(s < 1 for s in steps):
+        raise input_error(name, f"{text!r} has a width or step below 1", fix)
+    if any(a >= b for a, b in zip(steps, steps[1:])):
+        raise input_error(name, f"the steps of {text!r} do not increase", fix)
+    return tuple(widths), tuple(steps)
+
+
+def make_config(kind, fields_to_inputs: dict, fix: str = "change it", **settings):
+    """``kind(**settings)`` (a core config, which validates itself); its ``ValueError`` becomes an input error naming
+    the node input behind the config field the message starts with (``fields_to_inputs``: field → input)."""
+    try:
+        return kind(**settings)
+    except ValueError as e:
+        raise config_error(e, fields_to_inputs, fix) from e
+
+
+def config_error(error: ValueError, fields_to_inputs: dict, fix: str = "change it") -> ValueError:
+    """A core config's ``ValueError`` as an input error naming the input behind the field it names (the longest
+    field name the message starts with), else the error itself."""
+    message = str(error)
+    for field_name in sorted(fields_to_inputs, key=len, reverse=True):
+        if message.startswith(field_name) or message.startswith(f"invalid setting: {field_name}"):
+            return input_error(fields_to_inputs[field_name], message, fix)
+    return error
+
+
+def check_timestep_range(config, min_input: str = "min_step_percent", max_input: str = "max_step_percent") -> None:
+    """0 <= min_step_percent <= max_step_percent <= 1 at every step of the stage (both are piecewise linear, so their
+    break points, the first and the last step suffice); the sampler itself checks only when it draws."""
+    from l2vsd_core.schedules import scheduled_value
+
+    timesteps = config.distill.timesteps
+    steps = {0, int(config.steps)}
+    for value in (timesteps.min_step_percent, timesteps.max_step_percent):
+        if isinstance(value, (list, tuple)):
+            steps |= {int(value[0]), int(value[3])}
+    for step in sorted(steps):
+        lo = scheduled_value(timesteps.min_step_percent, step)
+        hi = scheduled_value(timesteps.max_step_percent, step)
+        if not 0.0 <= lo <= 1.0:
+            raise input_error(min_input, f"is {lo:g} at step {step}", "keep it in [0, 1] (ProlificDreamer: 0.02)")
+        if not 0.0 <= hi <= 1.0:
+            raise input_error(max_input, f"is {hi:g} at step {step}", "keep it in [0, 1] (ProlificDreamer: 0.98, "
+                                                                      "then 0.5)")
+        if lo > hi:
+            raise input_error(min_input, f"{lo:g} is above max_step_percent {hi:g} at step {step}",
+                              "make min_step_percent <= max_step_percent at every step")
+
+
+def check_pixel_factor(prior, sizes: dict) -> None:
+    """Every render size (``{input name: [sizes]}``) a multiple of the prior's pixel factor (8 for SD's VAE)."""
+    factor = int(getattr(prior, "vae_scale_factor", 1))
+    for name, values in sizes.items():
+        for size in values:
+            if int(size) % factor:
+                raise input_error(name, f"{size} is not a multiple of the prior's pixel factor {factor}",
+                                  "use a multiple of it (toy prior: any; Stable Diffusion: 8, e.g. 64 or 512)")
 
 
 def on_device(module, device):

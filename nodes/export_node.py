@@ -1,16 +1,20 @@
 """ExportMesh: a stage-1 scene (iso-surface → decimation) or a refined mesh (decimation) → UV atlas and baked texture
-→ GLB/OBJ/PLY in ComfyUI's output folder, plus a turntable. The returned path is relative to the output folder: what
-ComfyUI's core Preview3D node takes."""
+→ GLB/OBJ/PLY in ComfyUI's output folder, plus a turntable: the node's inputs as an ``ExportConfig`` and one call of
+``l2vsd_core.pipeline.export_nerf`` / ``export_refined`` and ``write_turntable``. The returned path is relative to the
+output folder: what ComfyUI's core Preview3D node takes."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from .common import CATEGORY_EXPORT, MESH_TYPE, SCENE_TYPE, eval_mode, input_error, output_directory, relative_subpath
+from .common import (CATEGORY_EXPORT, MESH_TYPE, SCENE_TYPE, input_error, make_config, output_directory,
+                     relative_subpath)
 from .scene_nodes import RefinedMesh, Scene
 
 FORMATS = ("glb", "obj", "ply")
-TURNTABLE_ELEVATION, TURNTABLE_DISTANCE, TURNTABLE_FOVY = 15.0, 1.5, 70.0  # the optimizer's preview camera
+TURNTABLE_VIEW = (15.0, 1.5, 70.0)  # elevation°, distance, fovy°: the optimizer's preview camera
+EXPORT_FIELDS = {name: name for name in ("mesh_resolution", "threshold", "max_faces", "texture_size",
+                                          "turntable_views", "turntable_resolution")}
 
 
 def parse_threshold(text: str):
@@ -94,62 +98,40 @@ class ExportMesh:
         if format not in FORMATS:
             raise input_error("format", f"{format!r} is not an option", f"pick one of {', '.join(FORMATS)}")
         level = parse_threshold(threshold)
+        from l2vsd_core.config import ExportConfig
+
+        export = make_config(ExportConfig, EXPORT_FIELDS, "change it (see its tooltip)",
+                             mesh_resolution=int(mesh_resolution), threshold=level, max_faces=int(max_faces),
+                             texture_size=int(texture_size), turntable_views=int(turntable_views),
+                             turntable_resolution=int(turntable_resolution))
         prefix = relative_subpath("filename_prefix", filename_prefix, "prefix")
         mesh_path, turntable_path = _counter_paths(prefix, format)
-        turntable = dict(n_views=int(turntable_views), resolution=int(turntable_resolution),
-                         elevation_deg=TURNTABLE_ELEVATION, distance=TURNTABLE_DISTANCE, fovy_deg=TURNTABLE_FOVY)
 
         import torch
+        from l2vsd_core import pipeline
+
+        from .runs import log
+
         with torch.inference_mode(False), torch.no_grad():
             if isinstance(source, Scene):
-                saved = _export_scene(source, mesh_path, turntable_path, int(mesh_resolution), level,
-                                      int(max_faces), int(texture_size), format, turntable)
+                try:
+                    saved = pipeline.export_nerf(source.field, export, mesh_path, format=format, log=log)
+                except ValueError as e:
+                    if "no surface" not in str(e):
+                        raise
+                    raise input_error("threshold", str(e), "use 'auto' or a lower density, or optimize longer") from e
+                pipeline.write_turntable(turntable_path, export, source.field, source.background,
+                                         renderer=source.make_renderer(), view=TURNTABLE_VIEW)
             else:
-                saved = _export_refined(source, mesh_path, turntable_path, int(max_faces), int(texture_size),
-                                        turntable)
+                saved = pipeline.export_refined(source.mesh, source.color, export, mesh_path, log=log)
+                pipeline.write_turntable(turntable_path, export, source.color, source.background, mesh=source.mesh,
+                                         view=TURNTABLE_VIEW)
 
         relative = mesh_path.relative_to(output_directory()).as_posix()
-        print(f"[L2VSD] mesh: {len(saved.vertices)} vertices, {len(saved.faces)} faces → {mesh_path}")
+        log(f"mesh: {len(saved.vertices)} vertices, {len(saved.faces)} faces → {mesh_path}")
         ui = {"l2vsd_mesh": [{"filename": mesh_path.name, "subfolder": str(Path(relative).parent.as_posix()),
                               "type": "output", "vertices": len(saved.vertices), "faces": len(saved.faces)}]}
         return {"ui": ui, "result": (relative, _gif_frames(turntable_path), CoreMesh.of(saved))}
-
-
-def _export_scene(scene: Scene, mesh_path: Path, turntable_path: Path, mesh_resolution: int, level, max_faces: int,
-                  texture_size: int, format: str, turntable: dict):
-    """Stage 1: iso-surface of the density, decimated, UV-unwrapped and baked from the field."""
-    from l2vsd_core.export import bake_texture, decimate, extract_mesh, save_mesh, turntable_gif
-
-    field, background, renderer = scene.field, scene.background, scene.make_renderer()
-    with eval_mode(field, background, renderer):
-        try:
-            mesh = extract_mesh(field, resolution=mesh_resolution, threshold=level)
-        except ValueError as e:
-            if "no surface" not in str(e):
-                raise
-            raise input_error("threshold", str(e), "use 'auto' or a lower density, or optimize longer") from e
-        if len(mesh.faces) > max_faces:
-            mesh = decimate(mesh, max_faces)
-        mesh = bake_texture(mesh, field, texture_size=texture_size)
-        save_mesh(mesh, mesh_path, format=format, field=field)
-        turntable_gif(renderer, field, background, turntable_path, **turntable)
-    return mesh
-
-
-def _export_refined(refined: RefinedMesh, mesh_path: Path, turntable_path: Path, max_faces: int, texture_size: int,
-                    turntable: dict):
-    """Stages 2 and 3: the refined mesh, decimated, UV-unwrapped and baked from its colour field (the format follows
-    the path's suffix)."""
-    from l2vsd_core.export import turntable_gif
-    from l2vsd_core.mesh.mesh_renderer import MeshRenderer
-    from l2vsd_core.mesh.refine import save_textured_mesh
-
-    with eval_mode(refined.color, refined.background):
-        mesh, _ = save_textured_mesh(refined.mesh, refined.color, mesh_path, texture_size=texture_size,
-                                     max_faces=max_faces)
-        turntable_gif(MeshRenderer().bind(refined.mesh), refined.color, refined.background, turntable_path,
-                      **turntable)
-    return mesh
 
 
 class CoreMesh:

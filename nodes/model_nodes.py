@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .common import CATEGORY_MODEL, PRIOR_TYPE, SCORE_TYPE, check_choice, input_error
+from .common import CATEGORY_MODEL, PRIOR_TYPE, SCORE_TYPE, check_choice, input_error, make_config
 
 BUNDLED_SOURCE = "bundled toy prior (32x32 world)"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -41,23 +41,32 @@ def load_prior_for_training(path, device: str, dtype: str):
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """What an L2VSD_SCORE socket carries. The LoRA itself is built by L2VSDOptimize for each run: ComfyUI caches
-    node outputs, so a LoRA made here would be trained further (mutated) by every run that reuses the cache."""
+    """What an L2VSD_SCORE socket carries: the LoRA's ``l2vsd_core.config.LoRAConfig`` and the estimator's settings
+    (the stages' ``DistillConfig`` takes them). The LoRA itself is made by each stage's run (``l2vsd_core.build``):
+    ComfyUI caches node outputs, so a LoRA made here would be trained further (mutated) by every run that reuses
+    the cache."""
     method: str
-    rank: int
-    lora_lr: float
-    separate_base: bool
-    camera_dropout: float
+    lora: object          # l2vsd_core.config.LoRAConfig
     eta: float
     jvp_mode: str
     esd_lambda: float
     guidance_scale: float
     base: Optional[LoadedPrior] = field(default=None, compare=False)  # the prior the LoRA goes on
 
+    def distill(self, default, guidance_scale: float = -1.0, method: Optional[str] = None, **timesteps):
+        """``default`` (a stage's ``DistillConfig``) with this estimator (or ``method``), its η / JVP mode / ESD λ,
+        the guidance scale (-1: this score's) and ``timesteps`` (``TimestepSampler`` fields)."""
+        import dataclasses
+
+        return dataclasses.replace(
+            default, method=method or self.method, eta=self.eta, esd_lambda=self.esd_lambda, jvp_mode=self.jvp_mode,
+            guidance_scale=float(self.guidance_scale if guidance_scale < 0 else guidance_scale),
+            timesteps=dataclasses.replace(default.timesteps, **timesteps))
+
 
 def _bundled_prior_path() -> Path:
-    from l2vsd_core.toys.world.demo import BUNDLED_PRIOR
-    return Path(BUNDLED_PRIOR)
+    from l2vsd_core.prior import BUNDLED_PRIORS
+    return Path(BUNDLED_PRIORS["toy"])
 
 
 def _prior_sources() -> list:
@@ -164,9 +173,9 @@ class AttachLoRAScore:
                                                   "on the last layer only), hlvsd."}),
             "rank": ("INT", {"default": 4, "min": 1, "max": 256,
                              "tooltip": "LoRA rank of the trainable score (ProlificDreamer: 4)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
-                                        "tooltip": "AdamW learning rate of the LoRA (1e-4 for long SD runs, 1e-3 "
-                                                   "for the toy prior's few hundred steps)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                        "tooltip": "AdamW learning rate of the LoRA (threestudio: 1e-4 for long SD "
+                                                   "runs; 1e-3 for the toy prior's few hundred steps)."}),
             "base": (["shared", "separate"], {"default": "shared",
                                               "tooltip": "shared: the LoRA sits on the prior's own UNet (no extra "
                                                          "memory); separate: on a second copy of it."}),
@@ -197,7 +206,15 @@ class AttachLoRAScore:
         check_choice("base", base, ("shared", "separate"))
         if not isinstance(prior, LoadedPrior):
             raise input_error("prior", f"got {type(prior).__name__}", "connect the output of a LoadPrior node")
-        return (ScoreSettings(method=method, rank=int(rank), lora_lr=float(learning_rate),
-                              separate_base=(base == "separate"), camera_dropout=float(camera_dropout),
-                              eta=float(eta), jvp_mode=jvp_mode, esd_lambda=float(esd_lambda),
-                              guidance_scale=float(guidance_scale), base=prior),)
+        from l2vsd_core.config import DistillConfig, LoRAConfig
+
+        lora = make_config(LoRAConfig, {"rank": "rank", "lr": "learning_rate", "lora lr": "learning_rate",
+                                        "camera_dropout": "camera_dropout"},
+                           rank=int(rank), lr=float(learning_rate), camera_dropout=float(camera_dropout),
+                           separate_base=(base == "separate"))
+        settings = ScoreSettings(method=method, lora=lora, eta=float(eta), jvp_mode=jvp_mode,
+                                 esd_lambda=float(esd_lambda), guidance_scale=float(guidance_scale), base=prior)
+        # the estimator's settings checked now, where they are set (DistillConfig validates itself)
+        make_config(lambda: settings.distill(DistillConfig()),
+                    {"eta": "eta", "esd_lambda": "esd_lambda", "guidance_scale": "guidance_scale"})
+        return (settings,)

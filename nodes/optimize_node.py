@@ -1,18 +1,27 @@
 """L2VSDOptimize: stage-1 score distillation of a scene from a prior, with ComfyUI progress, previews, interruption
-and checkpoint/resume. The loop itself is ``l2vsd_core.optimize.Stage1Optimizer``; this module only wires it up."""
+and checkpoint/resume. The node turns its inputs into a ``NerfConfig`` and calls ``l2vsd_core.pipeline.optimize_nerf``
+once; the fresh node's defaults are ProlificDreamer's (``NerfConfig()``)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from .common import (CATEGORY_OPTIMIZE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_prompt, check_sockets, input_error,
-                     render_orbit)
+from .common import (CATEGORY_OPTIMIZE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_pixel_factor, check_prompt,
+                     check_sockets, check_timestep_range, input_error, make_config, parse_resolution_schedule,
+                     parse_schedule, render_orbit)
 from .model_nodes import LoadedPrior, ScoreSettings
-from .runs import (CHECKPOINT_FILE, CURVES_FILE, curves_image, make_lora, remove_lora, resume_from, run_folder,
-                   run_info, run_with_progress)
+from .runs import checkpoint_file, curves_image, lora_base, run_folder, run_info, run_stage
 from .scene_nodes import Scene
 
 ORBIT_VIEWS = 8
-ADAPTER_NAME = "l2vsd"  # fixed: a checkpoint's LoRA weights are stored under names that contain it
+# NerfConfig field → the input that sets it (a config's ValueError names the field)
+FIELDS_TO_INPUTS = {**{name: name for name in (
+    "steps", "seed", "lr_encoding", "lr_network", "lr_background", "checkpoint_every", "preview_every",
+    "lambda_sparsity", "lambda_opaque", "lambda_z_variance", "lambda_image", "min_step_percent", "max_step_percent",
+    "guidance_scale")}, "widths": "resolution_schedule", "resolution_milestones": "resolution_schedule",
+    "preview_resolution": "resolution"}
+# ProlificDreamer's (NerfConfig's defaults), spelled out so that listing the node needs no torch import;
+# tests/test_nodes_optimize.py checks that a fresh node gives exactly NerfConfig()'s values
+DEFAULT_SCHEDULE = "512@5000"
+DEFAULT_MIN_STEP, DEFAULT_MAX_STEP = "0.02", "5000,0.98,0.5,5001"
+DEFAULT_OPAQUE = "10000,0,1000,10001"
 
 
 class L2VSDOptimize:
@@ -30,12 +39,14 @@ class L2VSDOptimize:
                                              "added per camera."}),
             "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                            "tooltip": "What to steer away from (classifier-free guidance)."}),
-            "steps": ("INT", {"default": 400, "min": 1, "max": 100000,
-                              "tooltip": "Optimization steps (toy demo: a few hundred; SD priors: thousands)."}),
-            "resolution": ("INT", {"default": 32, "min": 8, "max": 1024, "step": 8,
-                                   "tooltip": "Width = height of the training renders: 32 for the bundled toy "
-                                              "prior, 64 (then 512) for SD; a multiple of the prior's pixel factor "
-                                              "(8 for SD's VAE)."}),
+            "steps": ("INT", {"default": 25000, "min": 1, "max": 100000,
+                              "tooltip": "Optimization steps (ProlificDreamer: 25000; the toy prior: a few "
+                                         "hundred)."}),
+            "resolution": ("INT", {"default": 64, "min": 8, "max": 1024, "step": 8,
+                                   "tooltip": "Width = height of the training renders at the start (and of the "
+                                              "previews); resolution_schedule switches to larger ones later. "
+                                              "ProlificDreamer: 64 (then 512 from step 5000); the toy prior: 32. A "
+                                              "multiple of the prior's pixel factor (8 for SD's VAE)."}),
             "guidance_scale": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.5,
                                          "tooltip": "Classifier-free guidance scale; -1 = the one set in "
                                                     "AttachLoRAScore."}),
@@ -47,10 +58,10 @@ class L2VSDOptimize:
                                         "tooltip": "Learning rate of the environment background."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                              "tooltip": "Seed of cameras, noise and the LoRA's initial weights."}),
-            "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000,
+            "checkpoint_every": ("INT", {"default": 1000, "min": 0, "max": 100000,
                                          "tooltip": "Write the checkpoint every N steps (0 = only at the end and "
                                                     "when interrupted)."}),
-            "preview_every": ("INT", {"default": 10, "min": 0, "max": 100000,
+            "preview_every": ("INT", {"default": 200, "min": 0, "max": 100000,
                                       "tooltip": "Show an orbit render in the progress bar every N steps (0 = none)."}),
             "resume": ("BOOLEAN", {"default": False,
                                    "tooltip": "Continue from the checkpoint in checkpoint_folder (e.g. after Cancel) "
@@ -59,6 +70,37 @@ class L2VSDOptimize:
             "checkpoint_folder": ("STRING", {"default": "l2vsd/run",
                                              "tooltip": "Folder under ComfyUI's output folder for the checkpoint "
                                                         "and loss curves."}),
+        }, "optional": {
+            "resolution_schedule": ("STRING", {"default": DEFAULT_SCHEDULE,
+                                               "tooltip": "Later render widths: comma-separated WIDTH@STEP (the "
+                                                          "width becomes WIDTH at STEP), after 'resolution' at the "
+                                                          "start. ProlificDreamer: 512@5000; empty: 'resolution' "
+                                                          "throughout (the toy prior)."}),
+            "min_step_percent": ("STRING", {"default": DEFAULT_MIN_STEP,
+                                            "tooltip": "Lower end of the diffusion timestep t / 1000: a number, or "
+                                                       "threestudio's start_step,v0,v1,end_step (ProlificDreamer: "
+                                                       "0.02; HiFA: 0.3)."}),
+            "max_step_percent": ("STRING", {"default": DEFAULT_MAX_STEP,
+                                            "tooltip": "Upper end of t / 1000: a number, or start_step,v0,v1,end_step "
+                                                       "(ProlificDreamer: 5000,0.98,0.5,5001 = 0.98, then 0.5 from "
+                                                       "step 5000; HiFA: 0.98)."}),
+            "sqrt_anneal": ("BOOLEAN", {"default": False,
+                                        "tooltip": "HiFA's timestep schedule: t falls deterministically from the "
+                                                   "upper to the lower end as 1 - sqrt(step / steps) (off: t drawn "
+                                                   "at random in the range, ProlificDreamer)."}),
+            "lambda_image": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
+                                       "tooltip": "Weight of HiFA's image-space loss (threestudio lambda_vsd_img; "
+                                                  "HiFA: 0.01; 0 = off)."}),
+            "lambda_z_variance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 1.0,
+                                            "tooltip": "Weight of HiFA's z-variance regularizer, which sharpens the "
+                                                       "surface along each ray (HiFA: 300; 0 = off)."}),
+            "lambda_sparsity": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1e6, "step": 0.1,
+                                          "tooltip": "Weight of the sparsity regularizer on the rendered opacity "
+                                                     "(ProlificDreamer: 10)."}),
+            "lambda_opaque": ("STRING", {"default": DEFAULT_OPAQUE,
+                                         "tooltip": "Weight of the opacity-binarization regularizer: a number or "
+                                                    "start_step,v0,v1,end_step (ProlificDreamer: 10000,0,1000,10001 "
+                                                    "= off, then 1000 from step 10000; the toy prior: 0)."}),
         }}
 
     RETURN_TYPES = (SCENE_TYPE, "IMAGE", "IMAGE")
@@ -70,86 +112,67 @@ class L2VSDOptimize:
 
     def optimize(self, prior, score, scene, prompt, negative_prompt, steps, resolution, guidance_scale,
                  lr_encoding, lr_network, lr_background, seed, checkpoint_every, preview_every, resume,
-                 checkpoint_folder):
+                 checkpoint_folder, resolution_schedule=DEFAULT_SCHEDULE, min_step_percent=DEFAULT_MIN_STEP,
+                 max_step_percent=DEFAULT_MAX_STEP, sqrt_anneal=False, lambda_image=0.0, lambda_z_variance=0.0,
+                 lambda_sparsity=10.0, lambda_opaque=DEFAULT_OPAQUE):
         check_sockets(prior=(prior, LoadedPrior, "LoadPrior"), score=(score, ScoreSettings, "AttachLoRAScore"),
                       scene=(scene, Scene, "InitNeRF"))
         check_prompt(prompt)
+        config = nerf_config(score, scene, steps=steps, resolution=resolution, guidance_scale=guidance_scale,
+                             lr_encoding=lr_encoding, lr_network=lr_network, lr_background=lr_background, seed=seed,
+                             checkpoint_every=checkpoint_every, preview_every=preview_every,
+                             resolution_schedule=resolution_schedule, min_step_percent=min_step_percent,
+                             max_step_percent=max_step_percent, sqrt_anneal=sqrt_anneal, lambda_image=lambda_image,
+                             lambda_z_variance=lambda_z_variance, lambda_sparsity=lambda_sparsity,
+                             lambda_opaque=lambda_opaque)
+        check_pixel_factor(prior.prior, {"resolution": [resolution], "resolution_schedule": config.widths[1:]})
         run_dir = run_folder(checkpoint_folder)
-        checkpoint = run_dir / CHECKPOINT_FILE
+        checkpoint = checkpoint_file(run_dir, "nerf")
 
         import torch
+        from l2vsd_core import build, pipeline
+        from l2vsd_core.stages import make_volume_renderer
+
         with torch.inference_mode(False), torch.enable_grad():
-            run = _Run(prior.prior, score, scene, run_dir, checkpoint, steps=int(steps), resolution=int(resolution),
-                       guidance_scale=float(guidance_scale), lrs=(lr_encoding, lr_network, lr_background),
-                       seed=int(seed), checkpoint_every=int(checkpoint_every), preview_every=int(preview_every))
-            result = run.execute(prompt, negative_prompt, resume=bool(resume))
-        return {"ui": run_info(run.start_step, run.step, int(steps), checkpoint), "result": result}
+            device = prior.prior.device
+            trained = scene.copy()  # ComfyUI may hand the same cached scene to other nodes
+            trained.field, trained.background = trained.field.to(device), trained.background.to(device)
+            trained.renderer = (trained.renderer if trained.renderer is not None
+                                else make_volume_renderer(config)).to(device)
+            prompts = build.prompt_processor(prior.prior, prompt, negative_prompt)
+            run = run_stage(lambda hooks: pipeline.optimize_nerf(
+                prior.prior, prompts, trained.field, trained.background, trained.renderer, config, score.lora,
+                run_dir, bool(resume), hooks, lora_base(score)), config.steps, checkpoint, bool(resume))
+            trained.steps_done = scene.steps_done + run.step - run.start
+            trained.prompt, trained.negative_prompt, trained.history = prompt, negative_prompt, run.history
+            orbit = render_orbit(trained.renderer, trained.field, trained.background, ORBIT_VIEWS,
+                                 config.preview_resolution, config.preview_elevation, config.preview_distance,
+                                 config.preview_fovy)
+        return {"ui": run_info(run, checkpoint), "result": (trained, orbit, curves_image(run.history))}
 
 
-class _Run:
-    """One execution of the node: builds the core objects, runs the loop with ComfyUI's hooks, cleans up."""
+def nerf_config(score: ScoreSettings, scene: Scene, *, steps, resolution, guidance_scale, lr_encoding, lr_network,
+                lr_background, seed, checkpoint_every, preview_every, resolution_schedule=DEFAULT_SCHEDULE,
+                min_step_percent=DEFAULT_MIN_STEP, max_step_percent=DEFAULT_MAX_STEP, sqrt_anneal=False,
+                lambda_image=0.0, lambda_z_variance=0.0, lambda_sparsity=10.0, lambda_opaque=DEFAULT_OPAQUE):
+    """The node's inputs as the core's ``NerfConfig`` (the scene's renderer settings, the score's estimator); a
+    value the config refuses is an input error naming the input."""
+    from l2vsd_core.config import NerfConfig
 
-    def __init__(self, prior, score: ScoreSettings, scene: Scene, run_dir: Path, checkpoint: Path, *, steps,
-                 resolution, guidance_scale, lrs, seed, checkpoint_every, preview_every):
-        from l2vsd_core.distill import DistillConfig
-        from l2vsd_core.optimize import Stage1Config
-
-        self.prior, self.settings, self.run_dir, self.checkpoint = prior, score, run_dir, checkpoint
-        self.scene = scene.copy()  # ComfyUI may hand the same cached scene to other nodes
-        scene_settings = self.scene.settings
-        distill = DistillConfig(method=score.method, eta=score.eta, esd_lambda=score.esd_lambda,
-                                jvp_mode=score.jvp_mode,
-                                guidance_scale=score.guidance_scale if guidance_scale < 0 else guidance_scale)
-        try:
-            self.config = Stage1Config(
-                steps=steps, seed=seed, widths=(resolution,), resolution_milestones=(), distill=distill,
-                lr_encoding=float(lrs[0]), lr_network=float(lrs[1]), lr_background=float(lrs[2]),
-                checkpoint_every=checkpoint_every, checkpoint_path=str(checkpoint), preview_every=preview_every,
-                preview_resolution=resolution, radius=scene_settings.radius,
-                num_samples_per_ray=scene_settings.samples_per_ray, grid_resolution=scene_settings.grid_resolution)
-            self.config.check_prior(prior)
-        except ValueError as e:
-            if "resolution" in str(e):
-                raise input_error("resolution", str(e), "use a multiple of the prior's pixel factor (toy prior: 32; "
-                                                        "SD: 64)") from e
-            raise
-        self.start_step = self.step = 0
-
-    def _build(self, prompt: str, negative_prompt: str):
-        from l2vsd_core.optimize import Stage1Optimizer
-        from l2vsd_core.prompts import PromptProcessor
-
-        prompts = PromptProcessor(self.prior.encode_text, prompt, negative_prompt=negative_prompt)
-        self.lora_unet, lora = None, None
-        if self.config.distill.needs_trainable_score:
-            lora, self.lora_unet = make_lora(self.settings, self.prior, self.config.seed, ADAPTER_NAME)
-        device = self.prior.device
-        field, background = self.scene.field.to(device), self.scene.background.to(device)
-        renderer = self.scene.renderer if self.scene.renderer is not None else self.config.make_renderer()
-        renderer = renderer.to(device)
-        self.scene.field, self.scene.background, self.scene.renderer = field, background, renderer
-        return Stage1Optimizer(self.prior, lora, prompts, field, background, renderer, self.config)
-
-    def execute(self, prompt: str, negative_prompt: str, resume: bool):
-        self.lora_unet = None
-        try:
-            optimizer = self._build(prompt, negative_prompt)
-            curves = self.run_dir / CURVES_FILE
-            history = resume_from(optimizer, self.checkpoint, curves) if resume else []
-            self.start_step = optimizer.global_step
-            try:
-                run_with_progress(optimizer, self.config.steps, self.checkpoint, curves, history)
-            finally:
-                self.step = optimizer.global_step
-            return self._outputs(optimizer, prompt, negative_prompt, history)
-        finally:
-            remove_lora(self.lora_unet, ADAPTER_NAME)
-
-    def _outputs(self, optimizer, prompt: str, negative_prompt: str, history: list):
-        cfg = self.config
-        scene = self.scene
-        scene.steps_done = scene.steps_done + optimizer.global_step - self.start_step
-        scene.prompt, scene.negative_prompt, scene.history = prompt, negative_prompt, history
-        orbit = render_orbit(scene.renderer, scene.field, scene.background, ORBIT_VIEWS, cfg.preview_resolution,
-                             cfg.preview_elevation, cfg.preview_distance, cfg.preview_fovy)
-        return (scene, orbit, curves_image(history))
+    widths, milestones = parse_resolution_schedule("resolution_schedule", resolution_schedule)
+    distill = make_config(
+        score.distill, FIELDS_TO_INPUTS, "change it (see its tooltip)", default=NerfConfig().distill,
+        guidance_scale=float(guidance_scale), min_step_percent=parse_schedule("min_step_percent", min_step_percent),
+        max_step_percent=parse_schedule("max_step_percent", max_step_percent), sqrt_anneal=bool(sqrt_anneal))
+    settings = scene.settings
+    config = make_config(
+        NerfConfig, FIELDS_TO_INPUTS, "change it (see its tooltip)", steps=int(steps), seed=int(seed),
+        widths=(int(resolution), *widths), resolution_milestones=milestones, distill=distill,
+        lr_encoding=float(lr_encoding), lr_network=float(lr_network), lr_background=float(lr_background),
+        lambda_image=float(lambda_image), lambda_z_variance=float(lambda_z_variance),
+        lambda_sparsity=float(lambda_sparsity), lambda_opaque=parse_schedule("lambda_opaque", lambda_opaque),
+        checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
+        preview_resolution=int(resolution), radius=settings.radius, num_samples_per_ray=settings.samples_per_ray,
+        grid_resolution=settings.grid_resolution)
+    check_timestep_range(config)
+    return config

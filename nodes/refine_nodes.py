@@ -1,68 +1,61 @@
 """RefineGeometry and RefineTexture: ProlificDreamer's stages 2 and 3 after L2VSDOptimize, with the same progress,
-previews, interruption and checkpoint/resume. The loops are ``l2vsd_core.mesh.refine``'s ``GeometryRefiner`` and
-``TextureRefiner``; the nodes chain them as ``l2vsd_core.generate`` does (``_refine``): the geometry stage starts a
-DMTet from the stage-1 density, the texture stage a fresh colour field, background and LoRA on the fixed mesh."""
+previews, interruption and checkpoint/resume. Each node turns its inputs into the core's ``GeometryConfig`` /
+``TextureConfig`` and calls ``l2vsd_core.pipeline.refine_geometry`` / ``refine_texture`` once, as ``generate`` chains
+them: the geometry stage starts a DMTet from the stage-1 density, the texture stage a fresh colour field, background
+and LoRA on the fixed mesh."""
 from __future__ import annotations
 
-import dataclasses
-
-from .common import (CATEGORY_OPTIMIZE, MESH_TYPE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_choice, check_prompt,
-                     check_sockets, eval_mode, input_error, on_device, render_orbit)
+from .common import (CATEGORY_OPTIMIZE, MESH_TYPE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_choice, check_pixel_factor,
+                     check_prompt, check_sockets, check_timestep_range, input_error, make_config, on_device,
+                     parse_schedule, render_orbit)
 from .export_node import parse_threshold
 from .model_nodes import METHODS, LoadedPrior, ScoreSettings
-from .runs import curves_image, make_lora, remove_lora, resume_from, run_folder, run_info, run_with_progress
-from .scene_nodes import RefinedMesh, Scene, hashgrid_config, make_background
+from .runs import checkpoint_file, curves_image, lora_base, run_folder, run_info, run_stage
+from .scene_nodes import RefinedMesh, Scene
 
 ORBIT_VIEWS = 8
 PREVIEW_LIMIT = 256  # previews and orbit renders at the training resolution, at most this (progress previews: 256)
 FROM_SCORE = "from score"
-# The files of each stage in its checkpoint_folder: generate's names (STAGE_CHECKPOINTS), so that the three stages
-# can share one folder, as generate's --out.
-GEOMETRY_FILES = ("geometry.safetensors", "geometry_curves.json")
-TEXTURE_FILES = ("texture.safetensors", "texture_curves.json")
-GEOMETRY_ADAPTER, TEXTURE_ADAPTER = "l2vsd_geometry", "l2vsd_texture"  # generate's adapter names
+# ProlificDreamer's timestep range in both stages (the configs' defaults; tests/test_nodes_refine.py checks them)
+DEFAULT_MIN_STEP, DEFAULT_MAX_STEP = "0.02", "5000,0.98,0.5,5001"
+# config field → input, for the configs' ValueErrors
+_FIELDS = {"steps": "steps", "seed": "seed", "resolution": "resolution", "checkpoint_every": "checkpoint_every",
+           "preview_every": "preview_every", "preview_resolution": "resolution", "guidance_scale": "guidance_scale",
+           "min_step_percent": "min_step_percent", "max_step_percent": "max_step_percent"}
+GEOMETRY_FIELDS = {**_FIELDS, "dmtet_resolution": "dmtet_resolution", "lr": "learning_rate",
+                   "lambda_normal_consistency": "lambda_normal_consistency",
+                   "lambda_laplacian_smoothness": "lambda_laplacian_smoothness", "isosurface_threshold": "threshold"}
+TEXTURE_FIELDS = {**_FIELDS, "lr_encoding": "lr_encoding", "lr_network": "lr_network",
+                  "lr_background": "lr_background", "lambda_image": "lambda_image"}
+FIX = "change it (see its tooltip)"
 
 
 def _preview_resolution(resolution: int) -> int:
     return min(int(resolution), PREVIEW_LIMIT)
 
 
-def _distill(default, method: str, score: ScoreSettings, guidance_scale: float, steps: int):
-    """The stage's estimator: its recipe (``default``) with the method, guidance and the score's η / JVP / ESD."""
-    return dataclasses.replace(default, method=method, guidance_scale=float(guidance_scale), eta=score.eta,
-                               esd_lambda=score.esd_lambda, jvp_mode=score.jvp_mode,
-                               timesteps=dataclasses.replace(default.timesteps, max_steps=int(steps)))
-
-
-def _config(kind, prior, **settings):
-    """``kind(**settings)`` checked against the prior; a render size that the prior cannot take names the input."""
-    try:
-        config = kind(**settings)
-        config.check_prior(prior)
-    except ValueError as e:
-        if "resolution" in str(e):
-            raise input_error("resolution", str(e), "use a multiple of the prior's pixel factor (8 for Stable "
-                                                    "Diffusion's VAE)") from e
-        raise
+def _stage_config(kind, fields: dict, prior, score: ScoreSettings, method: str, guidance_scale: float,
+                  min_step_percent, max_step_percent, sqrt_anneal: bool = False, **settings):
+    """``kind`` (GeometryConfig / TextureConfig) from the node's inputs: the stage's recipe estimator with the
+    method, guidance, timestep range and the score's η / JVP / ESD; refused values name their input."""
+    distill = make_config(score.distill, fields, FIX, default=kind().distill, guidance_scale=float(guidance_scale),
+                          method=method, min_step_percent=parse_schedule("min_step_percent", min_step_percent),
+                          max_step_percent=parse_schedule("max_step_percent", max_step_percent),
+                          sqrt_anneal=bool(sqrt_anneal))
+    config = make_config(kind, fields, FIX, distill=distill, **settings)
+    check_timestep_range(config)
+    check_pixel_factor(prior, {"resolution": [config.resolution]})
     return config
 
 
 def _prompts(prior, prompt: str, negative_prompt: str, source):
     """The stage's prompts (empty: those ``source``, the input scene or mesh, was made with), encoded."""
-    from l2vsd_core.prompts import PromptProcessor
+    from l2vsd_core import build
 
     prompt = str(prompt).strip() or source.prompt
     negative_prompt = str(negative_prompt).strip() or source.negative_prompt
     check_prompt(prompt)
-    return prompt, negative_prompt, PromptProcessor(prior.encode_text, prompt, negative_prompt=negative_prompt)
-
-
-def _run_stage(loop, config, checkpoint, curves, resume: bool):
-    """Resume (or not), run with ComfyUI's progress and interrupt; returns (history, start step, end step)."""
-    history = resume_from(loop, checkpoint, curves) if resume else []
-    start = loop.global_step
-    run_with_progress(loop, config.steps, checkpoint, curves, history)
-    return history, start, loop.global_step
+    return prompt, negative_prompt, build.prompt_processor(prior, prompt, negative_prompt)
 
 
 _COMMON_INPUTS = {
@@ -74,10 +67,10 @@ _COMMON_INPUTS = {
                                               "input's negative prompt."}),
 }
 _RUN_INPUTS = {
-    "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000,
+    "checkpoint_every": ("INT", {"default": 1000, "min": 0, "max": 100000,
                                  "tooltip": "Write the checkpoint every N steps (0 = only at the end and when "
                                             "interrupted)."}),
-    "preview_every": ("INT", {"default": 10, "min": 0, "max": 100000,
+    "preview_every": ("INT", {"default": 200, "min": 0, "max": 100000,
                               "tooltip": "Show an orbit render in the progress bar every N steps (0 = none)."}),
     "resume": ("BOOLEAN", {"default": False,
                            "tooltip": "Continue from this stage's checkpoint in checkpoint_folder (e.g. after Cancel) "
@@ -87,6 +80,15 @@ _RUN_INPUTS = {
                                      "tooltip": "Folder under ComfyUI's output folder for this stage's checkpoint "
                                                 "and loss curves (each stage has its own files, so the three "
                                                 "stages may share a folder)."}),
+}
+_TIMESTEP_INPUTS = {
+    "min_step_percent": ("STRING", {"default": DEFAULT_MIN_STEP,
+                                    "tooltip": "Lower end of the diffusion timestep t / 1000: a number, or "
+                                               "threestudio's start_step,v0,v1,end_step (ProlificDreamer: 0.02)."}),
+    "max_step_percent": ("STRING", {"default": DEFAULT_MAX_STEP,
+                                    "tooltip": "Upper end of t / 1000: a number, or start_step,v0,v1,end_step "
+                                               "(ProlificDreamer: 5000,0.98,0.5,5001 = 0.98, then 0.5 from step "
+                                               "5000)."}),
 }
 
 
@@ -131,7 +133,7 @@ class RefineGeometry:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                              "tooltip": "Seed of cameras, noise and the LoRA's initial weights."}),
             **_RUN_INPUTS,
-        }}
+        }, "optional": dict(_TIMESTEP_INPUTS)}
 
     RETURN_TYPES = (MESH_TYPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("mesh", "normal_renders", "loss_curves")
@@ -142,52 +144,53 @@ class RefineGeometry:
 
     def refine(self, prior, score, scene, prompt, negative_prompt, method, steps, resolution, dmtet_resolution,
                guidance_scale, lambda_normal_consistency, lambda_laplacian_smoothness, learning_rate, threshold,
-               seed, checkpoint_every, preview_every, resume, checkpoint_folder):
+               seed, checkpoint_every, preview_every, resume, checkpoint_folder, min_step_percent=DEFAULT_MIN_STEP,
+               max_step_percent=DEFAULT_MAX_STEP):
         check_sockets(prior=(prior, LoadedPrior, "LoadPrior"), score=(score, ScoreSettings, "AttachLoRAScore"),
                       scene=(scene, Scene, "L2VSD Optimize"))
         check_choice("method", method, METHODS)
         level = parse_threshold(threshold)
+        from l2vsd_core.config import GeometryConfig
+
+        config = _stage_config(
+            GeometryConfig, GEOMETRY_FIELDS, prior.prior, score, method, guidance_scale, min_step_percent,
+            max_step_percent, steps=int(steps), seed=int(seed), resolution=int(resolution),
+            dmtet_resolution=int(dmtet_resolution), lr=float(learning_rate),
+            lambda_normal_consistency=float(lambda_normal_consistency),
+            lambda_laplacian_smoothness=float(lambda_laplacian_smoothness), isosurface_threshold=level,
+            checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
+            preview_resolution=_preview_resolution(resolution))
         run_dir = run_folder(checkpoint_folder)
-        checkpoint, curves = (run_dir / name for name in GEOMETRY_FILES)
+        checkpoint = checkpoint_file(run_dir, "geometry")
 
         import torch
-        from l2vsd_core.mesh.refine import GeometryConfig, GeometryRefiner
+        from l2vsd_core import pipeline
+        from l2vsd_core.runner import ResumeError
 
         with torch.inference_mode(False), torch.enable_grad():
-            config = _config(GeometryConfig, prior.prior, steps=int(steps), seed=int(seed),
-                             resolution=int(resolution), dmtet_resolution=int(dmtet_resolution),
-                             distill=_distill(GeometryConfig().distill, method, score, guidance_scale, steps),
-                             lr=float(learning_rate), lambda_normal_consistency=float(lambda_normal_consistency),
-                             lambda_laplacian_smoothness=float(lambda_laplacian_smoothness),
-                             isosurface_threshold=level, checkpoint_every=int(checkpoint_every),
-                             checkpoint_path=str(checkpoint), preview_every=int(preview_every),
-                             preview_resolution=_preview_resolution(resolution))
             prompt, negative_prompt, prompts = _prompts(prior.prior, prompt, negative_prompt, scene)
             color = on_device(scene.field, prior.prior.device)
             background = on_device(scene.background, prior.prior.device)
-            lora, unet = (make_lora(score, prior.prior, config.seed, GEOMETRY_ADAPTER)
-                          if config.distill.needs_trainable_score else (None, None))
-            try:
+
+            def call(hooks):
                 try:
-                    with eval_mode(color):
-                        loop = GeometryRefiner.from_stage1(prior.prior, lora, prompts, color, config)
+                    return pipeline.refine_geometry(prior.prior, prompts, color, config, score.lora, run_dir,
+                                                    bool(resume), hooks, lora_base(score))
                 except ValueError as e:
-                    if "no surface" not in str(e):
+                    if isinstance(e, ResumeError) or "no surface" not in str(e):
                         raise
                     raise input_error("threshold", str(e), "use 'auto' or a lower density, or optimize stage 1 "
                                                            "longer") from e
-                history, start, step = _run_stage(loop, config, checkpoint, curves, bool(resume))
-                mesh = loop.final_mesh()
-            finally:
-                remove_lora(unet, GEOMETRY_ADAPTER)
-            normals = render_orbit(loop.renderer.bind(mesh), None, None, ORBIT_VIEWS, config.preview_resolution,
+
+            run, mesh, stage = run_stage(call, config.steps, checkpoint, bool(resume))
+            normals = render_orbit(stage.renderer.bind(mesh), None, None, ORBIT_VIEWS, config.preview_resolution,
                                    config.preview_elevation, config.preview_distance, config.preview_fovy,
                                    output="comp_normal", device=mesh.vertices.device)
         result = RefinedMesh(mesh=mesh, color=color, background=background, settings=scene.settings,
-                             stage="geometry", prompt=prompt, negative_prompt=negative_prompt, history=history)
-        ui = run_info(start, step, int(steps), checkpoint)
+                             stage="geometry", prompt=prompt, negative_prompt=negative_prompt, history=run.history)
+        ui = run_info(run, checkpoint)
         ui["l2vsd_run"][0].update(vertices=int(mesh.vertices.shape[0]), faces=int(mesh.faces.shape[0]))
-        return {"ui": ui, "result": (result, normals, curves_image(history))}
+        return {"ui": ui, "result": (result, normals, curves_image(run.history))}
 
 
 class RefineTexture:
@@ -224,6 +227,15 @@ class RefineTexture:
                              "tooltip": "Seed of cameras, noise and the initial weights of the texture, "
                                         "background and LoRA."}),
             **_RUN_INPUTS,
+        }, "optional": {
+            **_TIMESTEP_INPUTS,
+            "sqrt_anneal": ("BOOLEAN", {"default": False,
+                                        "tooltip": "HiFA's timestep schedule: t falls deterministically from the "
+                                                   "upper to the lower end as 1 - sqrt(step / steps) (off: t drawn "
+                                                   "at random in the range, ProlificDreamer)."}),
+            "lambda_image": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
+                                       "tooltip": "Weight of HiFA's image-space loss (threestudio lambda_vsd_img; "
+                                                  "HiFA: 0.01; 0 = off)."}),
         }}
 
     RETURN_TYPES = (MESH_TYPE, "IMAGE", "IMAGE")
@@ -235,45 +247,43 @@ class RefineTexture:
 
     def refine(self, prior, score, mesh, prompt, negative_prompt, method, steps, resolution, guidance_scale,
                lr_encoding, lr_network, lr_background, seed, checkpoint_every, preview_every, resume,
-               checkpoint_folder):
+               checkpoint_folder, min_step_percent=DEFAULT_MIN_STEP, max_step_percent=DEFAULT_MAX_STEP,
+               sqrt_anneal=False, lambda_image=0.0):
         check_sockets(prior=(prior, LoadedPrior, "LoadPrior"), score=(score, ScoreSettings, "AttachLoRAScore"),
                       mesh=(mesh, RefinedMesh, "L2VSD Refine Geometry"))
         check_choice("method", method, (FROM_SCORE, *METHODS))
+        from l2vsd_core.config import TextureConfig
+
+        config = _stage_config(
+            TextureConfig, TEXTURE_FIELDS, prior.prior, score, score.method if method == FROM_SCORE else method,
+            guidance_scale, min_step_percent, max_step_percent, sqrt_anneal, steps=int(steps), seed=int(seed),
+            resolution=int(resolution), lr_encoding=float(lr_encoding), lr_network=float(lr_network),
+            lr_background=float(lr_background), lambda_image=float(lambda_image),
+            checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
+            preview_resolution=_preview_resolution(resolution))
         run_dir = run_folder(checkpoint_folder)
-        checkpoint, curves = (run_dir / name for name in TEXTURE_FILES)
+        checkpoint = checkpoint_file(run_dir, "texture")
 
         import torch
-        from l2vsd_core.mesh.refine import TextureConfig, TextureField, TextureRefiner
+        from l2vsd_core import pipeline
 
-        method = score.method if method == FROM_SCORE else method
-        guidance = score.guidance_scale if guidance_scale < 0 else guidance_scale
-        settings, device = mesh.settings, prior.prior.device
+        settings = mesh.settings
         with torch.inference_mode(False), torch.enable_grad():
-            config = _config(TextureConfig, prior.prior, steps=int(steps), seed=int(seed), resolution=int(resolution),
-                             distill=_distill(TextureConfig().distill, method, score, guidance, steps),
-                             lr_encoding=float(lr_encoding), lr_network=float(lr_network),
-                             lr_background=float(lr_background), checkpoint_every=int(checkpoint_every),
-                             checkpoint_path=str(checkpoint), preview_every=int(preview_every),
-                             preview_resolution=_preview_resolution(resolution))
             prompt, negative_prompt, prompts = _prompts(prior.prior, prompt, negative_prompt, mesh)
-            # threestudio's texture stage starts anew: colour field (stage-1 grid settings), background and LoRA
-            try:
-                color = TextureField(settings.radius, hashgrid_config(settings), backend=settings.backend,
-                                     mlp_neurons=settings.mlp_neurons, seed=config.seed + 2).to(device)
-            except ImportError as e:  # tcnn asked for in InitNeRF but not importable here
-                raise input_error("mesh", str(e), "pick the 'torch' or 'auto' backend in Init NeRF") from e
-            background = make_background(settings, config.seed + 3).to(device)
-            lora, unet = (make_lora(score, prior.prior, config.seed, TEXTURE_ADAPTER)
-                          if config.distill.needs_trainable_score else (None, None))
-            try:
-                loop = TextureRefiner(prior.prior, lora, prompts, mesh.mesh, color, background, config)
-                history, start, step = _run_stage(loop, config, checkpoint, curves, bool(resume))
-            finally:
-                remove_lora(unet, TEXTURE_ADAPTER)
-            renders = render_orbit(loop.renderer.bind(loop.mesh), color, background, ORBIT_VIEWS,
+
+            def call(hooks):
+                # threestudio's texture stage starts anew: colour field (stage-1 grid settings), background and LoRA
+                try:
+                    return pipeline.refine_texture(prior.prior, prompts, mesh.mesh, settings.scene,
+                                                   settings.background, settings.radius, config, score.lora, run_dir,
+                                                   bool(resume), hooks, lora_base(score))
+                except ImportError as e:  # tcnn asked for in InitNeRF but not importable here
+                    raise input_error("mesh", str(e), "pick the 'torch' or 'auto' backend in Init NeRF") from e
+
+            run, stage = run_stage(call, config.steps, checkpoint, bool(resume))
+            renders = render_orbit(stage.renderer.bind(stage.mesh), stage.field, stage.background, ORBIT_VIEWS,
                                    config.preview_resolution, config.preview_elevation, config.preview_distance,
                                    config.preview_fovy)
-        result = RefinedMesh(mesh=loop.mesh, color=color, background=background, settings=settings,
-                             stage="texture", prompt=prompt, negative_prompt=negative_prompt, history=history)
-        return {"ui": run_info(start, step, int(steps), checkpoint),
-                "result": (result, renders, curves_image(history))}
+        result = RefinedMesh(mesh=stage.mesh, color=stage.field, background=stage.background, settings=settings,
+                             stage="texture", prompt=prompt, negative_prompt=negative_prompt, history=run.history)
+        return {"ui": run_info(run, checkpoint), "result": (result, renders, curves_image(run.history))}

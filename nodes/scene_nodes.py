@@ -1,13 +1,12 @@
-"""InitNeRF: a fresh stage-1 scene (hash-grid NeRF field + environment background); the scene and mesh socket
-types."""
+"""InitNeRF: a fresh stage-1 scene (hash-grid NeRF field + background, made by ``l2vsd_core.build``); the scene and
+mesh socket types."""
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .common import CATEGORY_SCENE, SCENE_TYPE, check_choice, input_error
+from .common import CATEGORY_SCENE, SCENE_TYPE, check_choice, input_error, make_config
 
 BACKENDS = ("auto", "torch", "tcnn")
 # "learned": ProlificDreamer's environment map with random solid-colour augmentation; a colour: fixed, for a prior
@@ -17,26 +16,15 @@ BACKGROUNDS = {"learned": None, "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.
 
 @dataclass(frozen=True)
 class SceneSettings:
-    """Everything InitNeRF was given; L2VSDOptimize turns the render settings into its Stage1Config."""
-    levels: int
-    log2_hashmap_size: int
-    base_resolution: int
-    max_resolution: float
-    mlp_neurons: int
+    """Everything InitNeRF was given, as the core's configs: the field's ``SceneConfig``, the ``BackgroundSettings``
+    (also the texture stage's), and the renderer's radius, samples per ray and occupancy grid, which L2VSDOptimize
+    puts into its ``NerfConfig``."""
+    scene: object                  # l2vsd_core.config.SceneConfig
+    background: object             # l2vsd_core.config.BackgroundSettings
+    radius: float
     samples_per_ray: int
     grid_resolution: int
-    radius: float
     seed: int
-    backend: str
-    background: str = "learned"
-
-
-def make_background(settings: SceneSettings, seed: int):
-    """A fresh background of the kind ``settings`` names (stage 1's, and the texture stage's own)."""
-    from l2vsd_core.scene.field import BackgroundConfig, EnvironmentBackground, SolidBackground
-
-    color = BACKGROUNDS[settings.background]
-    return EnvironmentBackground(BackgroundConfig(), seed=seed) if color is None else SolidBackground(color)
 
 
 @dataclass
@@ -57,11 +45,15 @@ class Scene:
                        renderer=copy.deepcopy(self.renderer), history=list(self.history))
 
     def make_renderer(self):
-        """The scene's renderer, or (never optimized) a plain one without an occupancy grid."""
+        """The scene's renderer, or (never optimized) stage 1's fresh one (its occupancy grid all occupied)."""
         if self.renderer is not None:
             return self.renderer
-        from l2vsd_core.scene.renderer import VolumeRenderer
-        return VolumeRenderer(radius=self.settings.radius, num_samples_per_ray=self.settings.samples_per_ray)
+        from l2vsd_core.config import NerfConfig
+        from l2vsd_core.stages import make_volume_renderer
+        settings = self.settings
+        renderer = make_volume_renderer(NerfConfig(radius=settings.radius, num_samples_per_ray=settings.samples_per_ray,
+                                                   grid_resolution=settings.grid_resolution))
+        return renderer.to(next(self.field.parameters()).device)
 
 
 @dataclass
@@ -71,35 +63,21 @@ class RefinedMesh:
     mesh: object                   # l2vsd_core.mesh.dmtet.TriangleMesh, detached, on the prior's device
     color: object                  # the colour field: stage 1's (after RefineGeometry) or a TextureField
     background: Optional[object]   # drawn behind it in turntables: stage 1's, or the texture stage's own
-    settings: SceneSettings        # the stage-1 scene's: radius and hash grid of the texture stage's field
+    settings: SceneSettings        # the stage-1 scene's: radius, hash grid and background of the texture stage
     stage: str                     # "geometry" or "texture"
     prompt: str = ""               # the prompts it was refined with (the next stage's default)
     negative_prompt: str = ""
     history: list = field(default_factory=list)
 
 
-def hashgrid_config(settings: SceneSettings):
-    """The hash grid of ``settings`` (also the texture stage's colour field's, as in threestudio)."""
-    from l2vsd_core.scene.hashgrid import HashGridConfig
-
-    # The hash grid takes the growth factor between levels; users think in the finest resolution (tcnn's and
-    # threestudio's convention), so convert, as the CLI does.
-    ratio = max(settings.max_resolution / settings.base_resolution, 1.0)
-    per_level_scale = 1.0 if settings.levels == 1 else math.exp(math.log(ratio) / (settings.levels - 1))
-    return HashGridConfig(n_levels=settings.levels, log2_hashmap_size=settings.log2_hashmap_size,
-                          base_resolution=settings.base_resolution, per_level_scale=per_level_scale)
-
-
 def build_scene(settings: SceneSettings) -> Scene:
+    """A fresh field (seed) and background (seed + 1), as ``generate`` makes them."""
     import torch
-    from l2vsd_core.scene.field import FieldConfig, ImplicitVolume
+    from l2vsd_core import build
 
-    grid = hashgrid_config(settings)
-    # Stage 1 uses no normals (ProlificDreamer); the background is seeded apart from the field, as in the CLI.
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these weights will be trained
-        field_ = ImplicitVolume(FieldConfig(radius=settings.radius, hashgrid=grid, backend=settings.backend,
-                                            mlp_neurons=settings.mlp_neurons, normal_type=None), seed=settings.seed)
-        background = make_background(settings, settings.seed + 1)
+        field_ = build.nerf_field(settings.scene, settings.radius, settings.seed)
+        background = build.background(settings.background, settings.seed + 1)
     return Scene(settings=settings, field=field_, background=background)
 
 
@@ -136,6 +114,10 @@ class InitNeRF:
                                                           "recoloured half the time (for Stable Diffusion). white / "
                                                           "black: a fixed colour, for a prior that knows only that "
                                                           "background (the bundled toy prior: white)."}),
+        }, "optional": {
+            "features_per_level": ("INT", {"default": 2, "min": 1, "max": 8,
+                                           "tooltip": "Features per hash-grid level (ProlificDreamer and the toy: "
+                                                      "2)."}),
         }}
 
     RETURN_TYPES = (SCENE_TYPE,)
@@ -145,18 +127,32 @@ class InitNeRF:
     DESCRIPTION = "Creates an untrained stage-1 NeRF scene (hash-grid field and background)."
 
     def init(self, levels, log2_hashmap_size, base_resolution, max_resolution, mlp_neurons, samples_per_ray,
-             grid_resolution, radius, seed, backend, background="learned"):
-        check_choice("backend", backend, BACKENDS)
-        check_choice("background", background, tuple(BACKGROUNDS))
-        if max_resolution < base_resolution:
-            raise input_error("max_resolution", f"{max_resolution} is below base_resolution {base_resolution}",
-                              "make max_resolution >= base_resolution")
-        settings = SceneSettings(levels=int(levels), log2_hashmap_size=int(log2_hashmap_size),
-                                 base_resolution=int(base_resolution), max_resolution=float(max_resolution),
-                                 mlp_neurons=int(mlp_neurons), samples_per_ray=int(samples_per_ray),
-                                 grid_resolution=int(grid_resolution), radius=float(radius), seed=int(seed),
-                                 backend=backend, background=background)
+             grid_resolution, radius, seed, backend, background="learned", features_per_level=2):
+        settings = scene_settings(levels, log2_hashmap_size, base_resolution, max_resolution, mlp_neurons,
+                                  samples_per_ray, grid_resolution, radius, seed, backend, background,
+                                  features_per_level)
         try:
             return (build_scene(settings),)
         except ImportError as e:  # tcnn asked for but not installed
             raise input_error("backend", str(e), "pick 'torch' or 'auto'") from e
+
+
+SCENE_FIELDS = ("levels", "features_per_level", "log2_hashmap_size", "base_resolution", "max_resolution",
+                "mlp_neurons", "backend")
+
+
+def scene_settings(levels, log2_hashmap_size, base_resolution, max_resolution, mlp_neurons, samples_per_ray,
+                   grid_resolution, radius, seed, backend, background="learned", features_per_level=2) -> SceneSettings:
+    """InitNeRF's inputs as the core's ``SceneConfig`` and ``BackgroundSettings`` (+ the renderer's settings); a value
+    the config refuses is an input error naming the input."""
+    from l2vsd_core.config import BackgroundSettings, SceneConfig
+
+    check_choice("backend", backend, BACKENDS)
+    check_choice("background", background, tuple(BACKGROUNDS))
+    scene = make_config(SceneConfig, {name: name for name in SCENE_FIELDS}, "change it (see its tooltip)",
+                        levels=int(levels), features_per_level=int(features_per_level),
+                        log2_hashmap_size=int(log2_hashmap_size), base_resolution=int(base_resolution),
+                        max_resolution=float(max_resolution), mlp_neurons=int(mlp_neurons), backend=backend)
+    return SceneSettings(scene=scene, background=BackgroundSettings(color=BACKGROUNDS[background]),
+                         radius=float(radius), samples_per_ray=int(samples_per_ray),
+                         grid_resolution=int(grid_resolution), seed=int(seed))

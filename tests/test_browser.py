@@ -114,7 +114,8 @@ def workflow_nodes() -> list:
     return json.loads(UI_WORKFLOW.read_text())["nodes"]
 
 
-@pytest.mark.parametrize("name", ["sd21_stage1", "sd21_l2esd", "toy_three_stage", "sd21_three_stage"])
+@pytest.mark.parametrize("name", ["sd21_stage1", "sd21_l2esd", "sd21_l2hifa", "toy_three_stage",
+                                  "sd21_three_stage"])
 def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
     """Loaded into the real frontend (not run: the SD workflows have no weights here, the toy three-stage one runs in
     tests/test_comfy_server.py), every node is found, and the frontend turns the graph into its API twin."""

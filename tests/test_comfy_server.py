@@ -127,6 +127,15 @@ def test_object_info_lists_the_nodes_with_tooltips(comfy_host):
     assert info["RefineGeometry"]["input"]["required"]["guidance_scale"][1]["default"] == 100.0
     optimize_inputs = info["L2VSDOptimize"]["input"]["required"]
     assert optimize_inputs["resume"][0] == "BOOLEAN" and optimize_inputs["steps"][1]["min"] == 1
+    assert (optimize_inputs["steps"][1]["default"], optimize_inputs["resolution"][1]["default"]) == (25000, 64)
+    # the inputs added since the first workflows are optional, so that graphs without them still validate
+    optimize_optional = info["L2VSDOptimize"]["input"]["optional"]
+    assert optimize_optional["resolution_schedule"][1]["default"] == "512@5000"
+    assert optimize_optional["max_step_percent"][1]["default"] == "5000,0.98,0.5,5001"
+    assert optimize_optional["sqrt_anneal"][0] == "BOOLEAN" and optimize_optional["lambda_image"][0] == "FLOAT"
+    for name in ("RefineGeometry", "RefineTexture"):
+        assert info[name]["input"]["optional"]["min_step_percent"][1]["default"] == "0.02"
+    assert info["InitNeRF"]["input"]["optional"]["features_per_level"][1]["default"] == 2
     assert info["ExportMesh"]["input"]["required"]["filename_prefix"][1]["default"] == "3d/l2vsd"
     assert "bundled toy prior (32x32 world)" in info["LoadPrior"]["input"]["required"]["source"][0]
     # the choices listed without importing torch match the library's
@@ -171,7 +180,12 @@ def test_toy_workflow_runs_and_writes_a_textured_glb(comfy_host):
     for node_id, count in (("6", 8), ("7", 1)):  # orbit renders, loss curves (PreviewImage writes temp files)
         assert len(outputs[node_id]["images"]) == count
     checkpoint = comfy_host.output_dir / "l2vsd/test/checkpoint.safetensors.json"
-    assert json.loads(checkpoint.read_text())["step"] == 4
+    meta = json.loads(checkpoint.read_text())
+    assert meta["step"] == 4
+    # the toy workflow's recipe reached the core config (recipes.TOY: one 32-px stage, its anneal, no opacity loss)
+    assert (meta["config"]["widths"], meta["config"]["resolution_milestones"]) == ([32], [])
+    assert meta["config"]["distill"]["timesteps"]["max_step_percent"] == [80, 0.98, 0.5, 81]
+    assert meta["config"]["lambda_opaque"] == 0
 
 
 def _images(outputs, node_id) -> int:
@@ -261,6 +275,36 @@ def test_export_mesh_bakes_stage1_colours_onto_a_geometry_only_result(comfy_host
     texture = mesh.visual.material.baseColorTexture
     assert texture is not None
     assert np.unique(np.asarray(texture.convert("RGB")).reshape(-1, 3), axis=0).shape[0] > 1  # a bake, not a fill
+
+
+NEW_INPUTS = {"L2VSDOptimize": ("resolution_schedule", "min_step_percent", "max_step_percent", "sqrt_anneal",
+                                 "lambda_image", "lambda_z_variance", "lambda_sparsity", "lambda_opaque"),
+              "InitNeRF": ("features_per_level",)}
+
+
+def test_a_graph_made_before_the_new_inputs_still_runs_with_their_defaults(comfy_host):
+    """An API graph without the optional inputs added with the core refactor validates and runs: Optimize takes
+    ProlificDreamer's defaults for them (its checkpoint records the 512-px stage from step 5000)."""
+    graph = tiny_graph(steps=2, checkpoint_folder="l2vsd/old_graph")
+    for node in graph.values():
+        for name in NEW_INPUTS.get(node["class_type"], ()):
+            del node["inputs"][name]
+    result = run(comfy_host, graph)
+    assert "execution_error" not in _kinds(result), result["events"][-1]
+    meta = json.loads((comfy_host.output_dir / "l2vsd/old_graph/checkpoint.safetensors.json").read_text())
+    assert meta["step"] == 2
+    assert (meta["config"]["widths"], meta["config"]["resolution_milestones"]) == ([32, 512], [5000])
+    assert meta["config"]["distill"]["timesteps"]["max_step_percent"] == [5000, 0.98, 0.5, 5001]
+
+
+def test_a_new_input_that_does_not_parse_is_named(comfy_host):
+    graph = tiny_graph(steps=2)
+    graph[OPTIMIZE]["inputs"]["resolution_schedule"] = "64 from step 100"
+    result = run(comfy_host, graph)
+    errors = [data for kind, data in result["events"] if kind == "execution_error"]
+    assert errors and errors[0]["node_id"] == OPTIMIZE, _kinds(result)
+    message = errors[0]["exception_message"]
+    assert message.startswith("input 'resolution_schedule': '64 from step 100' is not WIDTH@STEP"), message
 
 
 def test_export_mesh_with_neither_input_is_named(comfy_host):

@@ -23,8 +23,9 @@ def _prior():
 
 
 def _score(method="l2vsd"):
-    return ScoreSettings(method=method, rank=4, lora_lr=1e-3, separate_base=False, camera_dropout=0.1, eta=0.01,
-                         jvp_mode="auto", esd_lambda=0.0, guidance_scale=7.5)
+    from l2vsd_core.config import LoRAConfig
+    return ScoreSettings(method=method, lora=LoRAConfig(lr=1e-3), eta=0.01, jvp_mode="auto", esd_lambda=0.0,
+                         guidance_scale=7.5)
 
 
 def _scene():
@@ -36,8 +37,9 @@ def _mesh():
 
 
 def _defaults(node) -> dict:
-    spec = node.INPUT_TYPES()["required"]
-    return {name: s[1]["default"] for name, s in spec.items() if len(s) > 1 and "default" in s[1]}
+    spec = node.INPUT_TYPES()
+    return {name: s[1]["default"] for part in ("required", "optional") for name, s in spec.get(part, {}).items()
+            if len(s) > 1 and "default" in s[1]}
 
 
 def test_registered_with_display_names_and_tooltips():
@@ -54,7 +56,8 @@ def test_registered_with_display_names_and_tooltips():
 
 
 def test_defaults_are_the_library_recipes():
-    from l2vsd_core.mesh.refine import GeometryConfig, TextureConfig
+    from l2vsd_core.config import GeometryConfig, TextureConfig, to_json
+    from nodes.refine_nodes import GEOMETRY_FIELDS, TEXTURE_FIELDS, _stage_config
 
     g, t = GeometryConfig(), TextureConfig()
     geometry = _defaults(RefineGeometry)
@@ -69,6 +72,41 @@ def test_defaults_are_the_library_recipes():
         (t.lr_encoding, t.lr_network, t.lr_background)
     assert texture["method"] == FROM_SCORE and texture["guidance_scale"] == -1.0  # the score's (7.5 by default)
     assert RefineTexture.INPUT_TYPES()["required"]["method"][0] == [FROM_SCORE, *METHODS]
+    # the configs the fresh nodes make (with a fresh AttachLoRAScore's score) are the library's, but for the
+    # preview size (the training size, at most 256)
+    from nodes.model_nodes import AttachLoRAScore
+    score = AttachLoRAScore().attach(prior=_prior(), **_defaults(AttachLoRAScore))[0]
+    made = _stage_config(GeometryConfig, GEOMETRY_FIELDS, None, score, geometry["method"], geometry["guidance_scale"],
+                         geometry["min_step_percent"], geometry["max_step_percent"], steps=geometry["steps"],
+                         resolution=geometry["resolution"], dmtet_resolution=geometry["dmtet_resolution"],
+                         lr=geometry["learning_rate"], checkpoint_every=geometry["checkpoint_every"],
+                         preview_every=geometry["preview_every"], seed=geometry["seed"],
+                         lambda_normal_consistency=geometry["lambda_normal_consistency"],
+                         lambda_laplacian_smoothness=geometry["lambda_laplacian_smoothness"])
+    assert to_json(made) == to_json(g)
+    made = _stage_config(TextureConfig, TEXTURE_FIELDS, None, score, score.method, score.guidance_scale,
+                         texture["min_step_percent"], texture["max_step_percent"], texture["sqrt_anneal"],
+                         steps=texture["steps"], resolution=texture["resolution"], seed=texture["seed"],
+                         lr_encoding=texture["lr_encoding"], lr_network=texture["lr_network"],
+                         lr_background=texture["lr_background"], lambda_image=texture["lambda_image"],
+                         checkpoint_every=texture["checkpoint_every"], preview_every=texture["preview_every"])
+    assert made.distill.method == score.method  # "from score": the estimator of stage 1
+    assert to_json(made) == {**to_json(t), "distill": {**to_json(t.distill), "method": score.method}}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"min_step_percent": "0.6", "max_step_percent": "0.5"}, "input 'min_step_percent': 0.6 is above"),
+    ({"max_step_percent": "100,0.98,0.5,10"}, "input 'max_step_percent': max_step_percent: end_step 10 is before"),
+    ({"max_step_percent": "0.98,0.5"}, "input 'max_step_percent': '0.98,0.5' has 2 numbers"),
+    ({"min_step_percent": "low"}, "input 'min_step_percent': 'low' is not a number"),
+])
+def test_refine_timestep_inputs_are_checked_and_named(changes, message):
+    with pytest.raises(ValueError) as error:
+        RefineGeometry().refine(**_geometry_inputs(**changes))
+    assert str(error.value).startswith(message)
+    with pytest.raises(ValueError) as error:
+        RefineTexture().refine(**_texture_inputs(**changes))
+    assert str(error.value).startswith(message)
 
 
 def test_sd21_three_stage_has_prolificdreamers_settings():
@@ -136,7 +174,7 @@ def test_refine_texture_names_the_bad_input(changes, message):
 def test_every_refine_input_is_an_argument_of_its_function():
     """ComfyUI calls FUNCTION with every input by name: the signatures and the declarations must agree."""
     import inspect
-    for node in (RefineGeometry, RefineTexture, ExportMesh):
+    for node in NODE_CLASS_MAPPINGS.values():
         spec = node.INPUT_TYPES()
         declared = [*spec["required"], *spec.get("optional", {})]
         params = list(inspect.signature(getattr(node, node.FUNCTION)).parameters)[1:]
@@ -167,7 +205,7 @@ def test_init_nerf_background_choice():
                  samples_per_ray=8, grid_resolution=8, radius=1.0, seed=0, backend="torch")
     assert isinstance(InitNeRF().init(**small)[0].background, EnvironmentBackground)
     scene = InitNeRF().init(**small, background="white")[0]
-    assert isinstance(scene.background, SolidBackground) and scene.settings.background == "white"
+    assert isinstance(scene.background, SolidBackground) and scene.settings.background.color == (1.0, 1.0, 1.0)
     assert torch.equal(scene.background(torch.randn(5, 3)), torch.ones(5, 3))
     with pytest.raises(Exception, match="background"):
         InitNeRF().init(**small, background="plaid")
