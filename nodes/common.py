@@ -239,3 +239,26 @@ def render_orbit(renderer, field, background, views: int, resolution: int, eleva
             out = renderer.render_camera(camera, field, background, stratified=False)
             frames.append(out[output][0].float().clamp(0, 1).cpu())
     return to_image_batch(frames)
+
+
+# ------------------------------------------------------------------------------------ inputs several nodes share
+DEFAULT_MIN_STEP, DEFAULT_MAX_STEP = "0.02", "5000,0.98,0.5,5001"  # ProlificDreamer's timestep range, every stage
+TIMESTEP_INPUTS = {
+    "min_step_percent": ("STRING", {"default": DEFAULT_MIN_STEP,
+                                    "tooltip": "Lower end of the diffusion timestep t / 1000: a number, or "
+                                               "threestudio's start_step,v0,v1,end_step (ProlificDreamer: 0.02; "
+                                               "HiFA: 0.3)."}),
+    "max_step_percent": ("STRING", {"default": DEFAULT_MAX_STEP,
+                                    "tooltip": "Upper end of t / 1000: a number, or start_step,v0,v1,end_step "
+                                               "(ProlificDreamer: 5000,0.98,0.5,5001 = 0.98, then 0.5 from step "
+                                               "5000; HiFA: 0.98)."}),
+}
+HIFA_INPUTS = {
+    "sqrt_anneal": ("BOOLEAN", {"default": False,
+                                "tooltip": "HiFA's timestep schedule: t falls deterministically from the upper to the "
+                                           "lower end as 1 - sqrt(step / steps) (off: t drawn at random in the range, "
+                                           "ProlificDreamer)."}),
+    "lambda_image": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
+                               "tooltip": "Weight of HiFA's image-space loss (threestudio lambda_vsd_img; HiFA: 0.01; "
+                                          "0 = off)."}),
+}

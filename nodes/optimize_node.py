@@ -3,9 +3,9 @@ and checkpoint/resume. The node turns its inputs into a ``NerfConfig`` and calls
 once; the fresh node's defaults are ProlificDreamer's (``NerfConfig()``)."""
 from __future__ import annotations
 
-from .common import (CATEGORY_OPTIMIZE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_pixel_factor, check_prompt,
-                     check_sockets, check_timestep_range, input_error, make_config, parse_resolution_schedule,
-                     parse_schedule, render_orbit)
+from .common import (CATEGORY_OPTIMIZE, DEFAULT_MAX_STEP, DEFAULT_MIN_STEP, HIFA_INPUTS, PRIOR_TYPE, SCENE_TYPE,
+                     SCORE_TYPE, TIMESTEP_INPUTS, check_pixel_factor, check_prompt, check_sockets, check_timestep_range,
+                     input_error, make_config, parse_resolution_schedule, parse_schedule, render_orbit)
 from .model_nodes import LoadedPrior, ScoreSettings
 from .runs import checkpoint_file, curves_image, lora_base, run_folder, run_info, run_stage
 from .scene_nodes import Scene
@@ -20,7 +20,6 @@ FIELDS_TO_INPUTS = {**{name: name for name in (
 # ProlificDreamer's (NerfConfig's defaults), spelled out so that listing the node needs no torch import;
 # tests/test_nodes_optimize.py checks that a fresh node gives exactly NerfConfig()'s values
 DEFAULT_SCHEDULE = "512@5000"
-DEFAULT_MIN_STEP, DEFAULT_MAX_STEP = "0.02", "5000,0.98,0.5,5001"
 DEFAULT_OPAQUE = "10000,0,1000,10001"
 
 
@@ -76,21 +75,8 @@ class L2VSDOptimize:
                                                           "width becomes WIDTH at STEP), after 'resolution' at the "
                                                           "start. ProlificDreamer: 512@5000; empty: 'resolution' "
                                                           "throughout (the toy prior)."}),
-            "min_step_percent": ("STRING", {"default": DEFAULT_MIN_STEP,
-                                            "tooltip": "Lower end of the diffusion timestep t / 1000: a number, or "
-                                                       "threestudio's start_step,v0,v1,end_step (ProlificDreamer: "
-                                                       "0.02; HiFA: 0.3)."}),
-            "max_step_percent": ("STRING", {"default": DEFAULT_MAX_STEP,
-                                            "tooltip": "Upper end of t / 1000: a number, or start_step,v0,v1,end_step "
-                                                       "(ProlificDreamer: 5000,0.98,0.5,5001 = 0.98, then 0.5 from "
-                                                       "step 5000; HiFA: 0.98)."}),
-            "sqrt_anneal": ("BOOLEAN", {"default": False,
-                                        "tooltip": "HiFA's timestep schedule: t falls deterministically from the "
-                                                   "upper to the lower end as 1 - sqrt(step / steps) (off: t drawn "
-                                                   "at random in the range, ProlificDreamer)."}),
-            "lambda_image": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
-                                       "tooltip": "Weight of HiFA's image-space loss (threestudio lambda_vsd_img; "
-                                                  "HiFA: 0.01; 0 = off)."}),
+            **TIMESTEP_INPUTS,
+            **HIFA_INPUTS,
             "lambda_z_variance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 1.0,
                                             "tooltip": "Weight of HiFA's z-variance regularizer, which sharpens the "
                                                        "surface along each ray (HiFA: 300; 0 = off)."}),

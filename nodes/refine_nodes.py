@@ -5,9 +5,10 @@ them: the geometry stage starts a DMTet from the stage-1 density, the texture st
 and LoRA on the fixed mesh."""
 from __future__ import annotations
 
-from .common import (CATEGORY_OPTIMIZE, MESH_TYPE, PRIOR_TYPE, SCENE_TYPE, SCORE_TYPE, check_choice, check_pixel_factor,
-                     check_prompt, check_sockets, check_timestep_range, input_error, make_config, on_device,
-                     parse_schedule, render_orbit)
+from .common import (CATEGORY_OPTIMIZE, DEFAULT_MAX_STEP, DEFAULT_MIN_STEP, HIFA_INPUTS, MESH_TYPE, PRIOR_TYPE,
+                     SCENE_TYPE, SCORE_TYPE, TIMESTEP_INPUTS, check_choice, check_pixel_factor, check_prompt,
+                     check_sockets, check_timestep_range, input_error, make_config, on_device, parse_schedule,
+                     render_orbit)
 from .export_node import parse_threshold
 from .model_nodes import METHODS, LoadedPrior, ScoreSettings
 from .runs import checkpoint_file, curves_image, lora_base, run_folder, run_info, run_stage
@@ -17,7 +18,6 @@ ORBIT_VIEWS = 8
 PREVIEW_LIMIT = 256  # previews and orbit renders at the training resolution, at most this (progress previews: 256)
 FROM_SCORE = "from score"
 # ProlificDreamer's timestep range in both stages (the configs' defaults; tests/test_nodes_refine.py checks them)
-DEFAULT_MIN_STEP, DEFAULT_MAX_STEP = "0.02", "5000,0.98,0.5,5001"
 # config field → input, for the configs' ValueErrors
 _FIELDS = {"steps": "steps", "seed": "seed", "resolution": "resolution", "checkpoint_every": "checkpoint_every",
            "preview_every": "preview_every", "preview_resolution": "resolution", "guidance_scale": "guidance_scale",
@@ -81,17 +81,6 @@ _RUN_INPUTS = {
                                                 "and loss curves (each stage has its own files, so the three "
                                                 "stages may share a folder)."}),
 }
-_TIMESTEP_INPUTS = {
-    "min_step_percent": ("STRING", {"default": DEFAULT_MIN_STEP,
-                                    "tooltip": "Lower end of the diffusion timestep t / 1000: a number, or "
-                                               "threestudio's start_step,v0,v1,end_step (ProlificDreamer: 0.02)."}),
-    "max_step_percent": ("STRING", {"default": DEFAULT_MAX_STEP,
-                                    "tooltip": "Upper end of t / 1000: a number, or start_step,v0,v1,end_step "
-                                               "(ProlificDreamer: 5000,0.98,0.5,5001 = 0.98, then 0.5 from step "
-                                               "5000)."}),
-}
-
-
 class RefineGeometry:
     """Stage 2: refine the stage-1 geometry as a DMTet mesh, distilled on normal maps (ProlificDreamer: SDS, 100)."""
 
@@ -133,7 +122,7 @@ class RefineGeometry:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                              "tooltip": "Seed of cameras, noise and the LoRA's initial weights."}),
             **_RUN_INPUTS,
-        }, "optional": dict(_TIMESTEP_INPUTS)}
+        }, "optional": dict(TIMESTEP_INPUTS)}
 
     RETURN_TYPES = (MESH_TYPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("mesh", "normal_renders", "loss_curves")
@@ -228,14 +217,8 @@ class RefineTexture:
                                         "background and LoRA."}),
             **_RUN_INPUTS,
         }, "optional": {
-            **_TIMESTEP_INPUTS,
-            "sqrt_anneal": ("BOOLEAN", {"default": False,
-                                        "tooltip": "HiFA's timestep schedule: t falls deterministically from the "
-                                                   "upper to the lower end as 1 - sqrt(step / steps) (off: t drawn "
-                                                   "at random in the range, ProlificDreamer)."}),
-            "lambda_image": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.001,
-                                       "tooltip": "Weight of HiFA's image-space loss (threestudio lambda_vsd_img; "
-                                                  "HiFA: 0.01; 0 = off)."}),
+            **TIMESTEP_INPUTS,
+            **HIFA_INPUTS,
         }}
 
     RETURN_TYPES = (MESH_TYPE, "IMAGE", "IMAGE")
