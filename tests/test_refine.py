@@ -219,7 +219,8 @@ def test_defaults_are_threestudios():
     assert (g.distill.method, g.distill.guidance_scale, g.distill.weighting) == ("sds", 100.0, "sds")
     assert (g.distill.timesteps.min_step_percent, list(g.distill.timesteps.max_step_percent)) == \
         (0.02, [5000, 0.98, 0.5, 5001])
-    assert (t.steps, t.resolution, t.distill.method, t.distill.guidance_scale) == (30000, 512, "vsd", 7.5)
+    # stage 3 takes stage 1's estimator, as in threestudio (there VSD; here the pack's default, L²-VSD)
+    assert (t.steps, t.resolution, t.distill.method, t.distill.guidance_scale) == (30000, 512, "l2vsd", 7.5)
     assert (t.lr_encoding, t.lr_network, t.lr_background) == (0.01, 0.001, 0.001)
     assert list(t.distill.timesteps.max_step_percent) == [5000, 0.98, 0.5, 5001]
     with pytest.raises(ValueError, match="dmtet_resolution"):
