@@ -510,7 +510,7 @@ def _all(field_name: str) -> tuple:
 
 
 def _distill_options() -> list:
-    from .distill import METHODS, WEIGHTINGS
+    from .distill import LOOKAHEADS, METHODS, WEIGHTINGS
     from .jvp import JVP_MODES
 
     both = ("nerf", "texture")  # stage 3 takes stage 1's estimator (threestudio: the same VSD guidance)
@@ -518,7 +518,10 @@ def _distill_options() -> list:
     return [
         _o("method", [f"{s}.distill.method" for s in both], "str", "score-distillation estimator", METHODS),
         _o("guidance_scale", [f"{s}.distill.guidance_scale" for s in both], help="CFG scale of the prior"),
-        _o("eta", [f"{s}.distill.eta" for s in every], help="lookahead step η of l2vsd"),
+        _o("eta", [f"{s}.distill.eta" for s in every], help="lookahead step η of l2vsd (its meaning: --lookahead)"),
+        _o("lookahead", [f"{s}.distill.lookahead" for s in every], "str",
+           "the step l2vsd / hlvsd linearize: paper (eq. 7, summed residual), sgd_mean (η on the mean loss), "
+           "optimizer (the score's own AdamW step, scaled by η)", LOOKAHEADS),
         _o("lora_steps", [f"{s}.distill.lora_steps" for s in every], "int", "γ: LoRA updates per step"),
         _o("esd_lambda", [f"{s}.distill.esd_lambda" for s in every], help="ESD λ (0: off)"),
         _o("jvp_mode", [f"{s}.distill.jvp_mode" for s in every], "str", "how l2vsd computes J·v",

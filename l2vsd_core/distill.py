@@ -17,10 +17,22 @@ hlvsd       ε_φi(x_t) + Δε_high, the lookahead minus its first-order term   
 ESD (eq. 12) mixes the camera-conditioned and unconditioned LoRA scores,
 ``ε_φ = λ ε_φ(x_t, ∅) + (1 − λ) ε_φ(x_t, c)``, in every VSD-family row (so ``l2vsd`` with λ > 0 is L²-ESD).
 
-η convention.  The paper writes the lookahead as ``φ_i+1 = φ_i − 2η Δ_φ`` with ``Δ_φ = (ε_φ − ε') J`` (eq. 7): a
-gradient step of size η on the squared error ``L_lora = ‖ε_φ − ε'‖²`` (threestudio: its mean).  So here
-``Δε_first = −2η J Δ_φ = J · (−η ∇_φ L_lora)``: the first-order change of ε_φ(x_t) under one SGD step of size η on
-the score's own loss.  The real update of φ afterwards uses the score's optimizer (AdamW), as in the paper.
+The lookahead (``DistillConfig.lookahead``): which step of φ the l2vsd / hlvsd rows linearize, ``Δε_first = J·τ``.
+
+=============  ====================================================================================================
+``paper``      eq. 7/11 exactly: ``τ = −2η Δ_φ`` with ``Δ_φ = (ε_φ(x_t′) − ε′)ᵀ J``, the vector–Jacobian product of
+               the *summed* residual: an SGD step of size η on ``‖ε_φ − ε′‖²`` summed over its n elements (the
+               paper's η, range 1e-3 … 1)
+``sgd_mean``   ``τ = −η ∇_φ L_lora`` with ``L_lora`` the score's own loss, the *mean* squared error (threestudio's):
+               the paper's step with η divided by n (3 072 for a 32² RGB render, 16 384 for SD's 4 × 64² latents);
+               this pack's convention before the choice was offered
+``optimizer``  ``τ = η (φ_i+γ − φ_i)``: the update the score's own optimizer (AdamW: m, v, step, weight decay) makes
+               in its γ steps, taken once and linearized at φ_i — the exact first-order part of practical L-VSD, at
+               no extra forward pass; η scales it (1 = the real step)
+=============  ====================================================================================================
+
+For ``paper`` and ``sgd_mean`` the real update of φ afterwards uses the score's optimizer (AdamW) with the same
+gradient, as in the paper.  HL-VSD takes the same lookahead: ``Δε_high = ε_φi+τ − ε_φi − J·τ``.
 
 The gradient reaches θ through any differentiable renderer by the target trick:
 ``loss = ½‖x0 − sg(x0 − grad)‖² / B`` has ``d loss / d x0 = grad / B`` (threestudio's normalisation).
@@ -38,6 +50,7 @@ from .jvp import JVP_MODES, jvp
 from .schedules import Scheduled, TimestepSampler, check_scheduled, scheduled_value
 
 METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "hlvsd")
+LOOKAHEADS = ("paper", "sgd_mean", "optimizer")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("sds", "uniform")
 
@@ -67,6 +80,8 @@ class TrainableScore(Protocol):
     ``lookahead_parameters(scope)`` → ``{name: parameter}`` that carry the lookahead: scope ``"all"`` (every trainable
     parameter) or ``"last"`` (the last layer), names as in ``named_parameters()``.
     ``step()`` → apply its optimizer to the accumulated ``.grad`` and clear them.
+    Optional ``loss_elements(x0)`` → n, the number of squared residuals ``loss`` averages (the ``paper`` lookahead
+    sums them); a score without it has a summed loss (n = 1).
     """
 
     prediction_type: str
@@ -106,7 +121,8 @@ class Conditioning:
 class DistillConfig:
     method: str = "l2vsd"
     guidance_scale: float = 7.5         # CFG scale for the prior, diffusers-style: ε_u + s (ε_c − ε_u)
-    eta: float = 1e-2                   # lookahead step η of l2vsd / l2vsd_last (paper's analysis value)
+    eta: float = 1e-2                   # lookahead step η of l2vsd / l2vsd_last / hlvsd (its meaning: lookahead)
+    lookahead: str = "sgd_mean"         # which step of φ is linearized: "paper", "sgd_mean", "optimizer" (above)
     lora_steps: int = 1                 # γ: updates of φ per iteration (after for vsd, before for lvsd / hlvsd)
     esd_lambda: float = 0.0             # ESD λ: weight of the camera-unconditioned score
     jvp_mode: str = "auto"              # see jvp.JVP_MODES; "auto": the fastest exact mode on the device
@@ -120,6 +136,8 @@ class DistillConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.jvp_mode not in ("auto",) + JVP_MODES:
             raise ValueError(f"jvp_mode must be one of auto, {', '.join(JVP_MODES)}; got {self.jvp_mode!r}")
+        if self.lookahead not in LOOKAHEADS:
+            raise ValueError(f"lookahead must be one of {', '.join(LOOKAHEADS)}; got {self.lookahead!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
         _require(math.isfinite(self.eta) and self.eta >= 0, "eta", self.eta, "a finite number >= 0")
@@ -336,38 +354,82 @@ def image_space_loss(image: torch.Tensor, result: DistillResult, decode, alphas_
     return 0.5 * F.mse_loss(image, target, reduction="sum") / image.shape[0], grad_img
 
 
-def _linearized_lookahead(score, x0, x_t, t, cond, config, terms):
-    """L²-VSD: ε_φi(x_t) + J_φi(x_t)·(−η ∇L_lora), reusing ∇L_lora for the real update of φ."""
-    scope = "last" if config.method == "l2vsd_last" else "all"
-    carry = score.lookahead_parameters(scope)
+def _loss_elements(score, x0: torch.Tensor) -> int:
+    counter = getattr(score, "loss_elements", None)
+    return 1 if counter is None else int(counter(x0))
+
+
+def _take_steps(score, carry: dict, x0, cond, steps: int) -> tuple[dict, list[float], dict]:
+    """γ real optimizer steps; → (φ_i+γ − φ_i over ``carry``, the losses, φ_i+γ of every trainable parameter).  The
+    parameters are put back at φ_i, where the caller linearizes; it then ``_set``s them to φ_i+γ again."""
+    every = score.lookahead_parameters("all")
+    before = {k: p.detach().clone() for k, p in every.items()}
+    losses = train_trainable_score(score, x0, cond, steps)
+    after = {k: p.detach().clone() for k, p in every.items()}
+    with torch.no_grad():
+        for k, p in every.items():
+            p.copy_(before[k])
+    return {k: after[k] - before[k] for k in carry}, losses, after
+
+
+def _set(params: dict, values: dict) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(values[k])
+
+
+def _gradient_tangent(score, carry: dict, x0, cond, config) -> tuple[dict, torch.Tensor]:
+    """The ``paper`` / ``sgd_mean`` tangent from one backward of the score's loss at φ_i (the gradient stays in
+    ``.grad`` for the real update)."""
     score.zero_grad(set_to_none=True)
     loss = score.loss(x0.detach(), cond.trainable_text, cond.camera)
     loss.backward()
-    tangent = {k: -config.eta * (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in carry.items()}
-    eps_phi, delta_first = jvp(lambda params: trainable_epsilon(score, x_t, t, cond, config.esd_lambda, params),
-                               carry, tangent, config.jvp_mode, fd_rel_step=config.fd_rel_step)
-    score.step()  # the same gradient now updates φ with the score's own optimizer
-    losses = [float(loss.detach())]
-    if config.lora_steps > 1:
-        losses += train_trainable_score(score, x0, cond, config.lora_steps - 1)
+    # paper: −2η Δ_φ = −η ∇ Σ r² = −η n ∇ mean(r²)
+    scale = config.eta * (_loss_elements(score, x0) if config.lookahead == "paper" else 1)
+    return {k: -scale * (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in carry.items()}, loss
+
+
+def _linearized_lookahead(score, x0, x_t, t, cond, config, terms):
+    """L²-VSD: ε_φi(x_t) + J_φi(x_t)·τ for the config's lookahead τ; φ then takes its real update."""
+    scope = "last" if config.method == "l2vsd_last" else "all"
+    carry = score.lookahead_parameters(scope)
+    f = lambda params: trainable_epsilon(score, x_t, t, cond, config.esd_lambda, params)  # noqa: E731
+    if config.lookahead == "optimizer":
+        step, losses, after = _take_steps(score, carry, x0, cond, config.lora_steps)
+        tangent = {k: config.eta * v for k, v in step.items()}
+        eps_phi, delta_first = jvp(f, carry, tangent, config.jvp_mode, fd_rel_step=config.fd_rel_step)
+        _set(score.lookahead_parameters("all"), after)
+    else:
+        tangent, loss = _gradient_tangent(score, carry, x0, cond, config)
+        eps_phi, delta_first = jvp(f, carry, tangent, config.jvp_mode, fd_rel_step=config.fd_rel_step)
+        score.step()  # the same gradient now updates φ with the score's own optimizer
+        losses = [float(loss.detach())]
+        if config.lora_steps > 1:
+            losses += train_trainable_score(score, x0, cond, config.lora_steps - 1)
     terms["delta_first_rms"] = _rms(delta_first)
     return eps_phi + delta_first, losses
 
 
 def _high_order_lookahead(score, x0, x_t, t, cond, config, terms):
-    """HL-VSD (the paper's ablation): ε_φi + Δε_high with Δε_high = ε_φi+1 − ε_φi − J_φi·(φi+1 − φi).
-
-    The first-order term is taken along the update φ really made (γ optimizer steps), so Δε_high is exactly the
-    remainder of that lookahead.
-    """
+    """HL-VSD (the paper's ablation): ε_φi + Δε_high with Δε_high = ε_φi+τ − ε_φi − J_φi·τ, for the same lookahead
+    τ as l2vsd (``optimizer``: τ = η(φ_i+γ − φ_i), the update φ really makes, scaled)."""
     carry = score.lookahead_parameters("all")
-    before = {k: p.detach().clone() for k, p in carry.items()}
-    losses = train_trainable_score(score, x0, cond, config.lora_steps)
+    f = lambda params: trainable_epsilon(score, x_t, t, cond, config.esd_lambda, params)  # noqa: E731
+    if config.lookahead == "optimizer":
+        step, losses, after = _take_steps(score, carry, x0, cond, config.lora_steps)
+        tangent = {k: config.eta * v for k, v in step.items()}
+    else:
+        tangent, loss = _gradient_tangent(score, carry, x0, cond, config)
     with torch.no_grad():
-        eps_next = trainable_epsilon(score, x_t, t, cond, config.esd_lambda)
-    step_taken = {k: carry[k].detach() - before[k] for k in carry}
-    eps_phi, delta_first = jvp(lambda params: trainable_epsilon(score, x_t, t, cond, config.esd_lambda, params),
-                               before, step_taken, config.jvp_mode, fd_rel_step=config.fd_rel_step)
+        eps_next = f({k: p.detach() + tangent[k] for k, p in carry.items()})
+    eps_phi, delta_first = jvp(f, carry, tangent, config.jvp_mode, fd_rel_step=config.fd_rel_step)
+    if config.lookahead == "optimizer":
+        _set(carry, after)
+    else:
+        score.step()
+        losses = [float(loss.detach())]
+        if config.lora_steps > 1:
+            losses += train_trainable_score(score, x0, cond, config.lora_steps - 1)
     delta_high = eps_next - eps_phi - delta_first
     terms["delta_first_rms"] = _rms(delta_first)
     terms["delta_high_rms"] = _rms(delta_high)

@@ -255,6 +255,10 @@ class LoRAScore(nn.Module):
         out = self(x_t, t, text, cam)
         return F.mse_loss(out.float(), target.float(), reduction="mean")
 
+    def loss_elements(self, x0: torch.Tensor) -> int:
+        """How many squared residuals :meth:`loss` averages (the ``paper`` lookahead sums them)."""
+        return x0.numel()
+
     def step(self) -> None:
         """One AdamW step on the accumulated gradients, then clear them."""
         self.optimizer.step()

@@ -16,6 +16,8 @@ DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "hlvsd")
 # "auto" + l2vsd_core.jvp.JVP_MODES (same reason; tests/test_comfy_server.py checks the two agree).
 JVP_MODES = ("auto", "forward_ad", "func", "double_backward", "fd_forward", "fd_central")
+# l2vsd_core.distill.LOOKAHEADS (same reason; tests/test_nodes_optimize.py checks the two agree).
+LOOKAHEADS = ("paper", "sgd_mean", "optimizer")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ScoreSettings:
     esd_lambda: float
     guidance_scale: float
     base: Optional[LoadedPrior] = field(default=None, compare=False)  # the prior the LoRA goes on
+    lookahead: str = "sgd_mean"
 
     def distill(self, default, guidance_scale: float = -1.0, method: Optional[str] = None, **timesteps):
         """``default`` (a stage's ``DistillConfig``) with this estimator (or ``method``), its η / JVP mode / ESD λ,
@@ -59,7 +62,8 @@ class ScoreSettings:
         import dataclasses
 
         return dataclasses.replace(
-            default, method=method or self.method, eta=self.eta, esd_lambda=self.esd_lambda, jvp_mode=self.jvp_mode,
+            default, method=method or self.method, eta=self.eta, lookahead=self.lookahead, esd_lambda=self.esd_lambda,
+            jvp_mode=self.jvp_mode,
             guidance_scale=float(self.guidance_scale if guidance_scale < 0 else guidance_scale),
             timesteps=dataclasses.replace(default.timesteps, **timesteps))
 
@@ -182,7 +186,8 @@ class AttachLoRAScore:
             "camera_dropout": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
                                          "tooltip": "Probability of dropping the camera condition of the LoRA."}),
             "eta": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001,
-                              "tooltip": "η: lookahead step of l2vsd / l2vsd_last."}),
+                              "tooltip": "η: lookahead step of l2vsd / l2vsd_last / hlvsd; its meaning is the "
+                                         "'lookahead' input's."}),
             "jvp_mode": (list(JVP_MODES), {"default": "auto",
                                            "tooltip": "How l2vsd computes its Jacobian-vector product; auto = the "
                                                       "fastest exact mode on the device, fd_* = finite differences."}),
@@ -191,6 +196,13 @@ class AttachLoRAScore:
             "guidance_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.5,
                                          "tooltip": "Classifier-free guidance scale of the prior (ProlificDreamer: "
                                                     "7.5)."}),
+        }, "optional": {
+            "lookahead": (list(LOOKAHEADS), {"default": "sgd_mean",
+                                             "tooltip": "The step of the LoRA that l2vsd linearizes: paper (eq. 7, "
+                                                        "the summed residual; η from 1e-3 to 1), sgd_mean (η on the "
+                                                        "mean loss: the paper's η divided by the number of latent "
+                                                        "elements), optimizer (the LoRA's own AdamW step, scaled by "
+                                                        "η; 1 = the real step)."}),
         }}
 
     RETURN_TYPES = (SCORE_TYPE,)
@@ -200,8 +212,9 @@ class AttachLoRAScore:
     DESCRIPTION = "Settings of the score estimator; the LoRA is created fresh by each L2VSD Optimize run."
 
     def attach(self, prior, method, rank, learning_rate, base, camera_dropout, eta, jvp_mode, esd_lambda,
-               guidance_scale):
+               guidance_scale, lookahead="sgd_mean"):
         check_choice("method", method, METHODS)
+        check_choice("lookahead", lookahead, LOOKAHEADS)
         check_choice("jvp_mode", jvp_mode, JVP_MODES)
         check_choice("base", base, ("shared", "separate"))
         if not isinstance(prior, LoadedPrior):
@@ -213,7 +226,8 @@ class AttachLoRAScore:
                            rank=int(rank), lr=float(learning_rate), camera_dropout=float(camera_dropout),
                            separate_base=(base == "separate"))
         settings = ScoreSettings(method=method, lora=lora, eta=float(eta), jvp_mode=jvp_mode,
-                                 esd_lambda=float(esd_lambda), guidance_scale=float(guidance_scale), base=prior)
+                                 esd_lambda=float(esd_lambda), guidance_scale=float(guidance_scale), base=prior,
+                                 lookahead=lookahead)
         # the estimator's settings checked now, where they are set (DistillConfig validates itself)
         make_config(lambda: settings.distill(DistillConfig()),
                     {"eta": "eta", "esd_lambda": "esd_lambda", "guidance_scale": "guidance_scale"})

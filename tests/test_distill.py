@@ -204,7 +204,7 @@ def test_hlvsd_is_the_lookahead_minus_its_first_order_term():
     x0 = torch.randn(2, 4)
     score = MLPScore(lr=0.2)
     phi_i = {k: v.detach().clone() for k, v in score.named_parameters()}
-    r = run("hlvsd", score=score, x0=x0, weighting="uniform")
+    r = run("hlvsd", score=score, x0=x0, weighting="uniform", lookahead="optimizer", eta=1.0)  # the real step
     x_t = x_t_of(r, x0)
     f = lambda p: torch.func.functional_call(score, p, (x_t, r.t, None, None))
     step = {k: v.detach() - phi_i[k] for k, v in score.named_parameters()}
@@ -213,6 +213,85 @@ def test_hlvsd_is_the_lookahead_minus_its_first_order_term():
     expected = 0.3 - (eps_i + (eps_next - eps_i - first))
     assert torch.allclose(r.grad, expected, atol=1e-5)
     assert r.terms["delta_high_rms"] > 1e-4
+
+
+class ResidualScore(LinearScore):
+    """A linear ε_φ whose loss is a *mean* of squared residuals over x0's elements, r = x0 Wᵀ + b − Y (as the LoRA's
+    denoising loss is): the three lookaheads have closed forms."""
+
+    def __init__(self, optimizer="sgd", lr=0.1, **kw):
+        super().__init__(lr=lr, **kw)
+        g = torch.Generator().manual_seed(7)
+        self.Y = torch.randn(2, 4, generator=g)
+        if optimizer == "adamw":
+            self.opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.01)
+
+    def loss(self, x0, text, camera):
+        return ((x0 @ self.W.T + self.b - self.Y) ** 2).mean()
+
+    def loss_elements(self, x0):
+        return x0.numel()
+
+    def residual_grads(self, x0):
+        """∇ of Σ r² (the paper's loss) in closed form: (2 Rᵀ x0, 2 Σ R)."""
+        R = x0 @ self.W.detach().T + self.b.detach() - self.Y
+        return 2 * R.T @ x0, 2 * R.sum(0)
+
+
+@pytest.mark.parametrize("method", ["l2vsd", "hlvsd"])
+def test_paper_lookahead_is_eq7_on_the_summed_residual(method):
+    """eq. 7/11: τ = −2η Δ_φ = −η ∇ Σ r²; linear ε, so ε_φi + J·τ = ε_{φi+τ} exactly (and hlvsd's Δε_high = 0)."""
+    x0, eta = torch.randn(2, 4), 1e-3
+    score = ResidualScore()
+    W, b = score.W.detach().clone(), score.b.detach().clone()
+    gW, gb = score.residual_grads(x0)
+    r = run(method, score=score, x0=x0, eta=eta, lookahead="paper")
+    x_t = x_t_of(r, x0)
+    eps_lin = x_t @ (W - eta * gW).T + (b - eta * gb)
+    eps_est = eps_lin if method == "l2vsd" else x_t @ W.T + b  # hlvsd: ε_φi + Δε_high, Δε_high = 0 here
+    assert torch.allclose(r.grad, weight(r) * (0.3 - eps_est), atol=1e-5)
+    expected_delta = float((x_t @ (-eta * gW).T - eta * gb).pow(2).mean().sqrt())
+    assert math.isclose(r.terms["delta_first_rms"], expected_delta, rel_tol=1e-4)
+    n = x0.numel()  # the paper's step is sgd_mean's with η·n
+    assert torch.allclose(run(method, score=ResidualScore(), x0=x0, eta=eta * n, lookahead="sgd_mean").grad, r.grad,
+                          atol=1e-5)
+    assert torch.allclose(score.W, W - 0.1 * gW / n, atol=1e-6)  # the real update: the score's SGD on its mean loss
+
+
+@pytest.mark.parametrize("method, scope", [("l2vsd", "all"), ("l2vsd_last", "last")])
+def test_optimizer_lookahead_is_the_real_adamw_step_once(method, scope):
+    """τ = η (φ_i+1 − φ_i) of the score's own AdamW (m, v, step, weight decay), applied once: on a linear ε the
+    estimate is ε at φ_i + τ over the carried parameters (the others stay at φ_i), and φ ends where AdamW puts it."""
+    x0 = torch.randn(2, 4)
+    twin = ResidualScore(optimizer="adamw", lr=0.05)
+    twin.loss(x0, None, None).backward()
+    twin.step()
+    for eta in (1.0, 0.5):
+        score = ResidualScore(optimizer="adamw", lr=0.05)
+        W, b = score.W.detach().clone(), score.b.detach().clone()
+        r = run(method, score=score, x0=x0, eta=eta, lookahead="optimizer")
+        dW, db = twin.W.detach() - W, twin.b.detach() - b
+        W_la = W + eta * dW if scope == "all" else W
+        assert torch.allclose(r.grad, weight(r) * (0.3 - (x_t_of(r, x0) @ W_la.T + b + eta * db)), atol=1e-5)
+        assert torch.equal(score.W, twin.W) and torch.equal(score.b, twin.b)  # one real step, not two
+        assert score.opt.state[score.W]["step"] == 1
+
+
+def test_optimizer_lookahead_is_the_first_order_change_under_the_real_step():
+    """On a nonlinear ε: ‖ε_{φ_i+1} − (ε_φi + J·(φ_i+1 − φ_i))‖ = O(‖step‖²) for the real AdamW step — lvsd's
+    lookahead; halving AdamW's learning rate (its first step is ≈ lr per parameter) quarters the error."""
+    x0 = torch.randn(2, 4)
+    errors = []
+    for lr in (0.04, 0.02, 0.01):
+        def adamw_mlp():
+            score = MLPScore()
+            score.opt = torch.optim.AdamW(score.parameters(), lr=lr)
+            return score
+        l2 = run("l2vsd", score=adamw_mlp(), x0=x0, eta=1.0, lookahead="optimizer", weighting="uniform")
+        la = run("lvsd", score=adamw_mlp(), x0=x0, weighting="uniform")
+        errors.append(float((l2.grad - la.grad).norm()))
+    assert errors[0] > 0
+    assert 3.0 < errors[0] / errors[1] < 5.0 and 3.0 < errors[1] / errors[2] < 5.0, errors
 
 
 def test_esd_lambda_mixes_camera_conditioned_and_unconditioned_scores():
@@ -278,6 +357,7 @@ def test_gradient_reaches_parameters_through_a_differentiable_renderer():
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"method": "vds"}, r"method must be one of sds, vsd, lvsd, l2vsd, l2vsd_last, hlvsd; got 'vds'"),
     ({"eta": -0.1}, r"eta must be a finite number >= 0"),
+    ({"lookahead": "adam"}, r"lookahead must be one of paper, sgd_mean, optimizer; got 'adam'"),
     ({"eta": float("nan")}, r"eta must be"),
     ({"lora_steps": 0}, r"lora_steps \(γ\) must be an integer >= 1"),
     ({"lora_steps": 1.5}, r"lora_steps \(γ\) must be an integer >= 1"),

@@ -75,6 +75,21 @@ def test_a_fresh_attach_lora_score_is_threestudios_lora():
             _score(**{name: value})
 
 
+def test_the_lookahead_reaches_every_stage_and_the_node_lists_the_cores_kinds():
+    from l2vsd_core.config import GeometryConfig
+    from l2vsd_core.distill import LOOKAHEADS
+    from nodes.model_nodes import LOOKAHEADS as NODE_LOOKAHEADS
+
+    assert NODE_LOOKAHEADS == LOOKAHEADS
+    assert _config().distill.lookahead == "sgd_mean"  # the default until the study chooses (issue 14)
+    for kind in LOOKAHEADS:
+        score = _score(lookahead=kind, eta=0.5)
+        assert (_config(score=score).distill.lookahead, _config(score=score).distill.eta) == (kind, 0.5)
+        assert score.distill(GeometryConfig().distill).lookahead == kind
+    with pytest.raises(ValueError, match="^input 'lookahead': 'adam' is not an option"):
+        _score(lookahead="adam")
+
+
 def test_init_nerf_is_a_scene_config_whose_features_reach_the_hash_grid():
     import torch
 
