@@ -212,16 +212,19 @@ _SAMPLE_CACHE: dict = {}
 
 @torch.no_grad()
 def prior_samples(prior, prompt: str, count: int = 64, steps: int = 25, guidance_scale: float = SAMPLE_GUIDANCE,
-                  seed: int = 0, batch_size: int = 32) -> torch.Tensor:
-    """``count`` images [count, 3, H, W] the prior draws for ``prompt`` (view-suffixed per random training camera),
-    by deterministic DDIM with classifier-free guidance; cached per (prior, arguments)."""
-    key = (id(prior), prompt, count, steps, guidance_scale, seed)
+                  seed: int = 0, batch_size: int = 32, view: Optional[tuple] = None) -> torch.Tensor:
+    """``count`` images [count, 3, H, W] the prior draws for ``prompt`` (view-suffixed per random training camera, or
+    for one ``view`` = (elevation°, azimuth°)), by deterministic DDIM with classifier-free guidance; cached per
+    (prior, arguments)."""
+    key = (id(prior), prompt, count, steps, guidance_scale, seed, view)
     if key in _SAMPLE_CACHE:
         return _SAMPLE_CACHE[key]
     from ...prompts import PromptProcessor
     g = torch.Generator().manual_seed(seed)
-    cams = RandomCameraSampler(width=RESOLUTION, height=RESOLUTION).sample(count, generator=g)
-    cond = PromptProcessor(prior.encode_text, prompt).conditioning(cams.elevation_deg, cams.azimuth_deg)
+    cams = RandomCameraSampler(width=RESOLUTION, height=RESOLUTION).sample(count, generator=g)  # drawn either way
+    elevation, azimuth = (cams.elevation_deg, cams.azimuth_deg) if view is None else (float(view[0]), float(view[1]))
+    cond = PromptProcessor(prior.encode_text, prompt).conditioning(torch.as_tensor(elevation).expand(count),
+                                                                   torch.as_tensor(azimuth).expand(count))
     a_bar = prior.alphas_cumprod.double().cpu()
     times = torch.linspace(a_bar.shape[0] - 1, 0, steps).round().long()
     side = int(prior.image_size) // int(getattr(prior, "vae_scale_factor", 1))
