@@ -111,6 +111,19 @@ def test_lookahead_beats_the_practical_order_on_the_papers_setup():
     assert w2["l2vsd"] < w2["real-vsd"]
 
 
+def test_lookahead_kinds_on_the_gaussian_toy():
+    """r's loss is a sum (no loss_elements): the paper's step is sgd_mean's; the optimizer lookahead (r's own AdamW
+    steps, η a scale) is another run, and at η = 0 every kind is real VSD's estimate."""
+    cfg = dict(steps=40)
+    paper = G.run("l2vsd", 0, G.StudyConfig(lookahead="paper", **cfg))["w2"]
+    assert paper == G.run("l2vsd", 0, G.StudyConfig(lookahead="sgd_mean", **cfg))["w2"]
+    optimizer = G.run("l2vsd", 0, G.StudyConfig(lookahead="optimizer", eta=1.0, **cfg))["w2"]
+    assert optimizer != paper
+    zero = [G.run("l2vsd", 0, G.StudyConfig(lookahead=kind, eta=0.0, **cfg))["w2"]
+            for kind in ("paper", "optimizer")]
+    assert zero[0] == pytest.approx(zero[1], rel=1e-6)
+
+
 def test_cli_writes_the_json_and_png(tmp_path):
     out_json, out_png = tmp_path / "g.json", tmp_path / "g.png"
     proc = subprocess.run([sys.executable, "-m", "l2vsd_core.toys.gaussian", "--methods", "sds,l2vsd,hlvsd",

@@ -178,6 +178,7 @@ class StudyConfig:
     samples_per_step: int = 1
     variant: str = "fig1"
     eta: float = 0.5
+    lookahead: str = "sgd_mean"   # r's loss is a sum, so "paper" is the same step; "optimizer": r's AdamW step
     jvp_mode: str = "forward_ad"
     lr: float = 1e-2
     lora_lr: float = 5e-2
@@ -244,7 +245,8 @@ def run(method: str, seed: int, cfg: StudyConfig, snapshot_steps=()) -> dict:
         score = GaussianScore(scene, alphas, target=target, optimizer=opt, lr=lora_lr)
     else:
         lora_steps = 1
-    distill_cfg = DistillConfig(method=engine_method, eta=cfg.eta, lora_steps=lora_steps, jvp_mode=cfg.jvp_mode,
+    distill_cfg = DistillConfig(method=engine_method, eta=cfg.eta, lookahead=cfg.lookahead, lora_steps=lora_steps,
+                                jvp_mode=cfg.jvp_mode,
                                 weighting="sds",
                                 timesteps=TimestepSampler(NUM_TIMESTEPS, min_step_percent=0.0, max_step_percent=1.0))
     optimizer = torch.optim.AdamW(scene.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -305,7 +307,8 @@ def study(methods, seeds: int, cfg: StudyConfig, progress=None) -> tuple[dict, d
     """Run every method for seeds 0…seeds−1. Returns (the JSON summary, the first seed's snapshots per method)."""
     snapshot_steps = sorted({0, cfg.steps // 8, cfg.steps // 4, cfg.steps // 2, cfg.steps})
     summary = {"methods": {}, "seeds": seeds, "steps": cfg.steps, "variant": cfg.variant,
-               "samples_per_step": cfg.samples_per_step, "eta": cfg.eta, "log_every": cfg.log_every}
+               "samples_per_step": cfg.samples_per_step, "eta": cfg.eta, "lookahead": cfg.lookahead,
+               "log_every": cfg.log_every}
     pictures = {}
     for method in methods:
         runs = []
@@ -416,6 +419,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--variant", default="fig1", choices=VARIANTS,
                         help="fig1: one sample/step; fig13: 4 samples/step; fig14: r over-fitted to the samples")
     parser.add_argument("--eta", type=float, default=StudyConfig.eta, help="lookahead step η of l2vsd")
+    parser.add_argument("--lookahead", default=StudyConfig.lookahead, choices=("paper", "sgd_mean", "optimizer"),
+                        help="the step of r that l2vsd linearizes (optimizer: r's AdamW steps, scaled by η)")
     parser.add_argument("--jvp-mode", default="forward_ad")
     parser.add_argument("--json", required=True, help="where to write the summary JSON")
     parser.add_argument("--plot", help="where to write the PNG")
@@ -427,9 +432,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     try:
-        cfg = StudyConfig(steps=args.steps, variant=args.variant, eta=args.eta, jvp_mode=args.jvp_mode,
+        cfg = StudyConfig(steps=args.steps, variant=args.variant, eta=args.eta, lookahead=args.lookahead,
+                          jvp_mode=args.jvp_mode,
                           samples_per_step=4 if args.variant == "fig13" else 1)
-        DistillConfig(method="l2vsd", eta=cfg.eta, jvp_mode=cfg.jvp_mode)  # validate η and the JVP mode up front
+        DistillConfig(method="l2vsd", eta=cfg.eta, lookahead=cfg.lookahead, jvp_mode=cfg.jvp_mode)  # validate early
     except ValueError as err:
         parser.error(str(err))
     total = len(methods) * args.seeds
