@@ -10,11 +10,14 @@ run() { OMP_NUM_THREADS=1 "$PY" -m l2vsd_core.toys.image2d --seeds 3 --steps 300
 TWO=(--prompts "a red cube" "a blue sphere" --out out/image2d)
 ONE=(--prompts "a red cube" --lora-lr 1e-2 --out out/image2d_lr1e-2)
 { run "${TWO[@]}" --methods sds sds@cfg100 vsd lvsd "l2vsd[paper,eta=0.01]"
-  run "${ONE[@]}" --methods vsd lvsd; } > out/image2d_A.log 2>&1 &
+  run "${ONE[@]}" --methods vsd lvsd
+  run "${TWO[@]}" --methods "lvsd[gamma=5]" "hlvsd[optimizer,eta=1]"; } > out/image2d_A.log 2>&1 &
 { run "${TWO[@]}" --methods l2vsd "l2vsd[optimizer,eta=1]"
-  run "${ONE[@]}" --methods l2vsd "l2vsd[optimizer,eta=1]" "l2vsd[paper,eta=0.01]"; } > out/image2d_B.log 2>&1 &
+  run "${ONE[@]}" --methods l2vsd "l2vsd[optimizer,eta=1]" "l2vsd[paper,eta=0.01]"
+  run "${TWO[@]}" --methods "l2vsd_last[optimizer,eta=1]" "l2vsd[paper,eta=0.001]"; } > out/image2d_B.log 2>&1 &
 wait
-LR3=(sds sds@cfg100 vsd lvsd l2vsd "l2vsd[paper,eta=0.01]" "l2vsd[optimizer,eta=1]")
+LR3=(sds sds@cfg100 vsd lvsd "lvsd[gamma=5]" l2vsd "l2vsd[paper,eta=0.001]" "l2vsd[paper,eta=0.01]"
+     "l2vsd[optimizer,eta=1]" "l2vsd_last[optimizer,eta=1]" "hlvsd[optimizer,eta=1]")
 run "${TWO[@]}" --methods "${LR3[@]}" --json docs/image2d/study.json --grid docs/image2d/grid.png
 run "${ONE[@]}" --methods vsd lvsd l2vsd "l2vsd[paper,eta=0.01]" "l2vsd[optimizer,eta=1]" \
   --json docs/image2d/study_lora_lr1e-2.json --grid docs/image2d/grid_lora_lr1e-2.png
