@@ -377,7 +377,7 @@ def config_changes(saved: dict, current: dict, defaults: Optional[dict] = None,
     defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         name = prefix + key
-        a = saved.get(key, defaults.get(key)) if key not in saved else saved[key]
+        a = saved[key] if key in saved else defaults.get(key)
         b = current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else None,

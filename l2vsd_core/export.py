@@ -34,7 +34,7 @@ import torch
 
 from .files import atomic_write_bytes
 
-__all__ = ["save_textured_mesh", "extract_mesh", "remove_floaters", "bake_texture", "save_mesh", "turntable_gif", "auto_threshold",
+__all__ = ["save_textured_mesh", "extract_mesh", "remove_floaters", "bake_texture", "save_mesh", "turntable_gif", "orbit_views", "auto_threshold",
            "AUTO_THRESHOLD_EPS", "FLOATER_FRACTION"]
 
 AUTO_THRESHOLD_EPS = 1.0e-5  # threestudio: threshold = field[field > eps].mean() for "auto"
@@ -480,6 +480,25 @@ def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) ->
 
 # ----------------------------------------------------------------------------------------------- turntable
 @torch.no_grad()
+def orbit_views(renderer, field, background, n_views: int, resolution: int, elevation_deg: float = 15.0,
+                distance: float = 1.5, fovy_deg: float = 70.0, output: str = "rgb", device=None,
+                dtype: torch.dtype = torch.float32) -> list:
+    """``n_views`` orbit renders (:func:`~l2vsd_core.scene.cameras.orbit_cameras`), each ``[H, W, C]`` float in
+    [0, 1] on the CPU, with anything that has the volume renderer's ``render_camera`` (no jitter; the caller sets
+    evaluation mode and no-grad).  One view at a time: bounded memory whatever ``n_views``."""
+    from .scene.cameras import CameraBatch, orbit_cameras
+
+    cams = orbit_cameras(n_views, elevation_deg=elevation_deg, distance=distance, fovy_deg=fovy_deg,
+                         width=resolution, height=resolution, dtype=dtype, device=device)
+    views = []
+    for i in range(n_views):
+        cam = CameraBatch(*(t[i:i + 1] for t in (cams.c2w, cams.position, cams.elevation_deg, cams.azimuth_deg,
+                                                 cams.distance, cams.fovy_deg)), cams.width, cams.height)
+        out = renderer.render_camera(cam, field, background, stratified=False)
+        views.append(out[output][0].float().clamp(0, 1).cpu())
+    return views
+
+
 def turntable_gif(renderer, field, background, path: PathLike, n_views: int = 30, resolution: int = 64,
                   elevation_deg: float = 15.0, distance: float = 1.5, fovy_deg: float = 70.0,
                   fps: float = 15.0, loop: int = 0) -> Path:
@@ -489,7 +508,6 @@ def turntable_gif(renderer, field, background, path: PathLike, n_views: int = 30
     Note: Pillow merges consecutive identical frames (e.g. a rotation-symmetric object) into one longer frame.
     """
     from PIL import Image
-    from .scene.cameras import CameraBatch, orbit_cameras
 
     if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
         raise ValueError(f"n_views must be an int >= 1; got {n_views!r}")
@@ -500,15 +518,9 @@ def turntable_gif(renderer, field, background, path: PathLike, n_views: int = 30
     path = Path(path)
     _check_parent(path)
     device, dtype = _field_device_dtype(field)
-    cams = orbit_cameras(n_views, elevation_deg=elevation_deg, distance=distance, fovy_deg=fovy_deg,
-                         width=resolution, height=resolution, dtype=dtype, device=device)
-    frames = []
-    for i in range(n_views):  # one view at a time: bounded memory whatever n_views
-        cam = CameraBatch(*(t[i:i + 1] for t in (cams.c2w, cams.position, cams.elevation_deg, cams.azimuth_deg,
-                                                 cams.distance, cams.fovy_deg)), cams.width, cams.height)
-        out = renderer.render_camera(cam, field, background, stratified=False)
-        rgb = out["rgb"][0].float().clamp(0, 1).cpu().numpy()
-        frames.append(Image.fromarray(np.round(rgb * 255).astype(np.uint8), mode="RGB"))
+    views = orbit_views(renderer, field, background, n_views, resolution, elevation_deg, distance, fovy_deg,
+                        device=device, dtype=dtype)
+    frames = [Image.fromarray(np.round(view.numpy() * 255).astype(np.uint8), mode="RGB") for view in views]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:],
                    duration=int(round(1000.0 / fps)), loop=loop, optimize=False)

@@ -16,6 +16,7 @@ stage (on ``lora_base``, a second copy of the prior, when given) and taken off t
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -62,8 +63,6 @@ def refine_texture(prior, prompts, mesh, scene: SceneConfig, background: Backgro
     """A fresh colour field (the stage-1 grid settings) and background (threestudio's texture stage starts anew) on
     the fixed ``mesh``; → ``(StageRun, the stage)`` (``stage.field``, ``stage.background``, ``stage.mesh``)."""
     from .stages import TextureStage
-
-    import dataclasses
 
     device = mesh.vertices.device
     color = build.texture_field(scene, radius, config.seed + 2).to(device)

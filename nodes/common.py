@@ -225,19 +225,12 @@ def render_orbit(renderer, field, background, views: int, resolution: int, eleva
     has the volume renderer's ``render_camera`` (a ``VolumeRenderer``, or a ``MeshRenderer`` bound to a mesh, whose
     ``field`` may then be None for a normal map: ``output="comp_normal"``)."""
     import torch
-    from l2vsd_core.scene.cameras import CameraBatch, orbit_cameras
+    from l2vsd_core.export import orbit_views
 
     device = device if device is not None else next(field.parameters()).device
-    cameras = orbit_cameras(views, elevation_deg=elevation, distance=distance, fovy_deg=fovy, width=resolution,
-                            height=resolution, device=device)
-    frames = []
     with eval_mode(field, background, renderer), torch.no_grad():
-        for i in range(views):  # one view at a time keeps memory bounded
-            camera = CameraBatch(*(t[i:i + 1] for t in (cameras.c2w, cameras.position, cameras.elevation_deg,
-                                                        cameras.azimuth_deg, cameras.distance, cameras.fovy_deg)),
-                                 cameras.width, cameras.height)
-            out = renderer.render_camera(camera, field, background, stratified=False)
-            frames.append(out[output][0].float().clamp(0, 1).cpu())
+        frames = orbit_views(renderer, field, background, views, resolution, elevation, distance, fovy, output=output,
+                             device=device)
     return to_image_batch(frames)
 
 
