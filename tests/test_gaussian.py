@@ -143,6 +143,7 @@ def test_cli_writes_the_json_and_png(tmp_path):
     (["--methods", "sds,foo"], "unknown ['foo']"),
     (["--eta", "-1"], "eta must be a finite number >= 0"),
     (["--variant", "fig2"], "invalid choice: 'fig2'"),
+    (["--setup", "paper"], "invalid choice: 'paper'"),
     (["--steps", "0"], "steps must be >= 1"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
@@ -150,3 +151,75 @@ def test_cli_bad_input(tmp_path, args, message):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------- Appendix F's listing (--setup listing)
+def listing_score(x_t, mu, factor, alpha, sigma):
+    """The listing's calc_perturbed_gaussian_score, written from its text: ∇ log N(x_t; α μ, α² Σ + σ² I)."""
+    cov = alpha[:, None, None] ** 2 * (factor @ factor.T) + sigma[:, None, None] ** 2 * torch.eye(2, dtype=x_t.dtype)
+    return torch.linalg.solve(cov, (alpha[:, None] * mu - x_t)[..., None])[..., 0]
+
+
+def test_listing_noise_draws_the_cumulative_product_of_the_listings_betas():
+    noise = G.ListingNoise(renders=4)
+    t = noise.sample(4, 0, generator=torch.Generator().manual_seed(5))
+    beta = torch.rand(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * (0.02 - 1e-4) + 1e-4
+    assert torch.allclose(noise.alpha(t), torch.cumprod(1 - beta, 0), atol=1e-6)
+    assert bool((noise.alpha(t)[1:] < noise.alpha(t)[:-1]).all())  # each later render is noisier
+    a, table = noise.alpha(t), noise.alphas_cumprod()[t]
+    assert torch.allclose(table, a ** 2 / (a ** 2 + (1 - a) / a))  # the VP state x_t / √(α² + σ²)
+    with pytest.raises(ValueError, match="4 renders per step"):
+        noise.sample(5, 0)
+
+
+def test_listing_setup_gives_q_the_listings_gradient():
+    """One real-vsd step with the listing's noise: the engine's ε-units path gives the renders exactly the gradient of
+    the listing's own loss (scores in score units, x_t = α x + σ ε, w = (1 − α) σ, differentiated through x_t)."""
+    p_mu, p_factor, q_mu, q_factor = G.make_problem(2)
+    noise = G.ListingNoise(renders=4)
+    alphas = noise.alphas_cumprod()
+    prior = G.GaussianPrior(p_mu, p_factor, alphas)
+    scene = G.GaussianScene(q_mu.clone(), q_factor.clone())
+    score = G.GaussianScore(scene, alphas)
+    with torch.no_grad():
+        score.mu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
+        score.factor.copy_(torch.tensor([[0.5, 0.1], [0.0, 0.7]], dtype=torch.float64))
+    r_mu, r_factor = score.mu.detach().clone(), score.factor.detach().clone()
+    x = scene.render(4, torch.Generator().manual_seed(1)).detach().requires_grad_(True)
+    cfg = DistillConfig(method="vsd", weighting="uniform", timesteps=noise)
+    res = score_distillation(x, prior, score, Conditioning(), cfg, generator=torch.Generator().manual_seed(3))
+    (ours,) = torch.autograd.grad(noise.loss(x, res), x)
+
+    alpha = noise.alpha(res.t)
+    sigma = ((1 - alpha) / alpha).sqrt()
+    x2 = x.detach().clone().requires_grad_(True)
+    x_t = x2 * alpha[:, None] + res.noise * sigma[:, None]
+    w = ((1 - alpha) * sigma)[:, None]
+    grad = -w * (listing_score(x_t.detach(), p_mu, p_factor, alpha, sigma)
+                 - listing_score(x_t.detach(), r_mu, r_factor, alpha, sigma))
+    loss = 0.5 * torch.nn.functional.mse_loss(x_t, (x_t - grad).detach(), reduction="sum") / 4
+    (listing,) = torch.autograd.grad(loss, x2)
+    assert torch.allclose(ours, listing, rtol=1e-5, atol=1e-9)
+
+
+def test_listing_real_vsd_trains_r_after_q_steps():
+    """The listing's real-vsd: at step 1, r has taken its γ AdamW steps towards q after q's first step (q_1); the
+    engine's order trains it on q_0."""
+    cfg = dict(steps=1, log_every=1, lora_steps=10, warmup_steps=0)  # no warm-up: q moves at its first step
+
+    def adamw_towards(goal):  # r's μ alone: its loss and AdamW are elementwise, so μ_r depends on μ_q only
+        mu = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([mu], lr=G.StudyConfig.lora_lr, weight_decay=0.0)
+        for _ in range(10):
+            opt.zero_grad()
+            ((mu - goal) ** 2).sum().backward()
+            opt.step()
+        return mu.detach()
+
+    listing = G.run("real-vsd", 0, G.StudyConfig(setup="listing", samples_per_step=4, **cfg), snapshot_steps=(0, 1))
+    engine = G.run("real-vsd", 0, G.StudyConfig(samples_per_step=4, **cfg), snapshot_steps=(0, 1))
+    q0, q1 = (torch.tensor(listing["snapshots"][s]["q_mu"], dtype=torch.float64) for s in (0, 1))
+    assert not torch.allclose(q0, q1)
+    assert torch.allclose(torch.tensor(listing["snapshots"][1]["r_mu"], dtype=torch.float64), adamw_towards(q1))
+    assert torch.allclose(torch.tensor(engine["snapshots"][1]["r_mu"], dtype=torch.float64), adamw_towards(q0))
+    assert listing["snapshots"][0]["r_mu"] == [0.0, 0.0]  # and nothing before q's first step

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
                                              "(resumable)")
     quality.add_argument("--prompts", required=True, help="a file with one world prompt per line ('a red cube')")
     quality.add_argument("--methods", default=None, help="comma-separated (default: sds,vsd,lvsd,l2vsd,l2vsd_last,"
-                                                         "esd,l2esd; also hifa, hlvsd)")
+                                                         "esd,l2esd; also hifa, hlvsd), each optionally with a "
+                                                         "variant: sds@cfg100, l2vsd[paper,eta=0.001]")
+    quality.add_argument("--lora-lr", type=float, default=None, help="the LoRA's learning rate (default: the toy's)")
     quality.add_argument("--seeds", type=int, default=3)
     quality.add_argument("--steps", type=int, default=None, help="stage-1 steps per run (default: the demo's)")
     quality.add_argument("--stages", type=int, default=1, choices=(1, 2, 3),
@@ -47,13 +49,14 @@ def main(argv=None) -> int:
     from .step import write_json
 
     if args.command == "quality":
-        from .quality import DEFAULT_METHODS as QUALITY_METHODS, quality_table, read_prompts, run_quality_benchmark
-        methods = (QUALITY_METHODS if args.methods is None
-                   else tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+        from .quality import (DEFAULT_METHODS as QUALITY_METHODS, quality_table, read_prompts, run_quality_benchmark,
+                              split_methods)
+        methods = QUALITY_METHODS if args.methods is None else split_methods(args.methods)
         def run():
             prompts = read_prompts(args.prompts)
             data = run_quality_benchmark(prompts, methods, args.seeds, args.steps, args.out,
-                                         log=lambda m: print(m, file=sys.stderr, flush=True), stages=args.stages)
+                                         log=lambda m: print(m, file=sys.stderr, flush=True), stages=args.stages,
+                                         lora_lr=args.lora_lr)
             if args.grid:
                 from .quality import picture_grid
                 picture_grid(args.out, prompts, methods, args.grid)

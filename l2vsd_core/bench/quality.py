@@ -53,6 +53,12 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+def split_methods(text: str) -> tuple[str, ...]:
+    """``"vsd,l2vsd[paper,eta=0.001]"`` → ``("vsd", "l2vsd[paper,eta=0.001]")``: commas inside a variant's brackets
+    do not separate."""
+    return tuple(m.strip() for m in re.split(r",(?![^\[]*\])", text) if m.strip())
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -64,9 +70,12 @@ def _read_json(path: Path) -> dict:
 def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAULT_METHODS, seeds: int = 3,
                           steps: Optional[int] = None, out="out/bench_quality", reference_samples: int = 64,
                           log: Callable[[str], None] = print, stages: int = 1,
-                          refine_options: Optional[dict] = None) -> dict:
+                          refine_options: Optional[dict] = None, lora_lr: Optional[float] = None) -> dict:
     """Every prompt × method × seed on the toy prior, ``stages`` 1..3 each; returns ``{"config", "rows",
-    "summary"}``.  ``refine_options``: settings of stages 2 and 3 (default ``demo.TOY_REFINE``)."""
+    "summary"}``.  A method is a ``demo.METHOD_PRESETS`` name, optionally with a variant (``sds@cfg100``,
+    ``l2vsd[paper,eta=0.001]``: :func:`~l2vsd_core.toys.world.demo.method_options`).  ``refine_options``: settings
+    of stages 2 and 3 (default ``demo.TOY_REFINE``); ``lora_lr``: the LoRA's learning rate in every stage (default
+    the toy recipe's)."""
     from ..prior import load_prior
     from ..toys.world import demo
     from ..toys.world.metrics import parse_prompt, prior_samples
@@ -74,8 +83,10 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
     for prompt in prompts:
         parse_prompt(prompt)  # every prompt must be a world prompt before anything runs
     for method in methods:
-        if method not in demo.METHOD_PRESETS:
-            raise ValueError(f"method must be one of {', '.join(demo.METHOD_PRESETS)}; got {method!r}")
+        demo.method_options(method)  # every method known before anything runs
+    if lora_lr is not None and not lora_lr > 0:
+        raise ValueError(f"lora_lr must be > 0; got {lora_lr!r}")
+    overrides = {} if lora_lr is None else {"lora_lr": float(lora_lr)}
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1; got {seeds}")
     if stages not in (1, 2, 3):
@@ -89,14 +100,14 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
         reference = _reference_samples(prior, prompt, reference_samples, Path(out) / _slug(prompt))
         for method in methods:
             for seed in range(seeds):
-                run_dir = Path(out) / _slug(prompt) / method / f"seed{seed}"
+                run_dir = Path(out) / _slug(prompt) / _slug(method) / f"seed{seed}"
                 metrics_file, seconds_file = run_dir / "metrics.json", run_dir / "seconds.json"
                 done += 1
                 if metrics_file.is_file() and seconds_file.is_file():
                     scores, seconds = _read_json(metrics_file), _read_json(seconds_file)
                 else:
                     result = demo.run(prompt, method, run_dir, seed=seed, steps=steps, prior=prior,
-                                      reference=reference)
+                                      reference=reference, **overrides)
                     if result["stopped"]:
                         raise KeyboardInterrupt
                     seconds = {"seconds": result["seconds"]}  # a fresh stage 1: later stages' times are stale
@@ -107,7 +118,7 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
                     if all(k in scores for k in wanted) and f"seconds_s{stage}" in seconds:
                         continue  # finished before
                     log(f"{prompt} / {method} / seed {seed}: stage {stage}")
-                    result = demo.refine_run(run_dir, stage, prior, reference, **refine_options)
+                    result = demo.refine_run(run_dir, stage, prior, reference, **refine_options, **overrides)
                     if result["stopped"]:
                         raise KeyboardInterrupt
                     seconds[f"seconds_s{stage}"] = result[f"seconds_s{stage}"]
@@ -122,7 +133,8 @@ def run_quality_benchmark(prompts: Sequence[str], methods: Sequence[str] = DEFAU
                     for label, sfx in _stage_rows(stages)))
     config = {"prompts": list(prompts), "methods": list(methods), "seeds": seeds,
               "steps": steps or demo.TOY["steps"], "prior": str(demo.BUNDLED_PRIOR),
-              "reference_samples": reference_samples, "stages": stages}
+              "reference_samples": reference_samples, "stages": stages,
+              "lora_lr": lora_lr if lora_lr is not None else demo.TOY["lora_lr"]}
     if stages > 1:
         config["refine_options"] = refine_options
     return {"config": config, "rows": rows, "summary": summarize(rows), "paired": paired_differences(rows)}
@@ -249,7 +261,7 @@ def picture_grid(out, prompts: Sequence[str], methods: Sequence[str], path, seed
     rows = []
     for prompt in prompts:
         for method in methods:
-            gif = Path(out) / _slug(prompt) / method / f"seed{seed}" / "turntable.gif"
+            gif = Path(out) / _slug(prompt) / _slug(method) / f"seed{seed}" / "turntable.gif"
             if not gif.is_file():
                 continue
             with Image.open(gif) as image:

@@ -24,6 +24,16 @@ Methods (paper names; the engine method that runs each):
   exact-vsd    reference, not in the paper: r = q exactly at every step (the marginal score VSD's theory asks for).
 Variants: ``fig1`` (one sample per step), ``fig13`` (4 samples per step), ``fig14`` (r over-fitted: it is fitted
 exactly to the current samples instead of regressing q's parameters).
+
+Setups (``--setup``): ``engine`` (above: the engine's VP noise x_t = √ᾱ x + √(1−ᾱ) ε with ᾱ = 1 − β, independent
+renders, every practical method in the engine's order) and ``listing``, Appendix F's code where it differs:
+  - its noise model: x_t = α x + σ ε with α = 1 − β and σ = √((1 − α)/α), and its weight w = (1 − α) σ on the score
+    difference, differentiated through x_t (so x gets α (1 − α)(ε̂_pre − ε̂_est));
+  - N_render = 4 renders per step whose α are a cumulative product of the 4 draws (α_k = Π_{j≤k} (1 − β_j));
+  - its real-vsd trains r *after* q's optimizer step (on q_{i+1}); every other method keeps the engine's order.
+The engine stays VP: x_t = α x + σ ε is √(α² + σ²) times a VP state with ᾱ' = α² / (α² + σ²) and the same ε, so the
+listing's noise runs through the engine on a fine table of ᾱ' (:class:`ListingNoise`), and the listing's weight
+is applied to the engine's unweighted ε difference.
 """
 from __future__ import annotations
 
@@ -38,18 +48,58 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..distill import Conditioning, DistillConfig, score_distillation
+from ..distill import Conditioning, DistillConfig, score_distillation, train_trainable_score
 from ..files import atomic_write, atomic_write_text
 from ..schedules import TimestepSampler
 
 PAPER_METHODS = ("sds", "vsd", "real-vsd", "l-vsd", "l2vsd", "l2vsd_last", "hlvsd", "exact-vsd")
 VARIANTS = ("fig1", "fig13", "fig14")
+SETUPS = ("engine", "listing")
 NUM_TIMESTEPS = 1000
+LISTING_RENDERS = 4        # Appendix F's N_render
+LISTING_LEVELS = 100_000   # α grid of the listing's noise table: spacing ≈ 8e-7, far below any effect measured
 
 
 def paper_alphas_cumprod(num: int = NUM_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """ᾱ_t = 1 − β_t with β_t linear in t: a uniform t draws β uniformly, as Appendix F does."""
     return 1.0 - torch.linspace(beta_start, beta_end, num, dtype=torch.float64)
+
+
+class ListingNoise:
+    """Appendix F's noise through the engine.  As the engine's timestep sampler (:meth:`sample`): per step,
+    β_k ~ U[β_start, β_end] for each of the batch's renders, α = cumprod(1 − β) across the batch, and t the index of α
+    on a uniform grid of :data:`LISTING_LEVELS` values (:meth:`alpha`).  :meth:`alphas_cumprod` is the VP table
+    ᾱ'_t = α² / (α² + σ²) with σ² = (1 − α)/α, and :meth:`loss` the listing's weighted loss."""
+
+    def __init__(self, renders: int = LISTING_RENDERS, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 levels: int = LISTING_LEVELS):
+        if renders < 1:
+            raise ValueError(f"renders must be >= 1; got {renders}")
+        self.renders, self.beta_start, self.beta_end, self.levels = renders, beta_start, beta_end, levels
+        self.lo, self.hi = (1 - beta_end) ** renders, 1 - beta_start  # the α any draw can reach
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """The listing's α at index ``t``."""
+        return self.lo + (self.hi - self.lo) * t.double() / (self.levels - 1)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        alpha = self.alpha(torch.arange(self.levels))
+        return alpha ** 2 / (alpha ** 2 + (1 - alpha) / alpha)
+
+    def sample(self, batch: int, step: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if batch > self.renders:
+            raise ValueError(f"the listing's noise table holds {self.renders} renders per step; got {batch}")
+        beta = torch.rand(batch, generator=generator, dtype=torch.float64) * (self.beta_end - self.beta_start)
+        alpha = torch.cumprod(1 - (beta + self.beta_start), dim=0)
+        t = ((alpha - self.lo) / (self.hi - self.lo) * (self.levels - 1)).round().long()
+        return t.to(device)
+
+    def loss(self, x: torch.Tensor, result) -> torch.Tensor:
+        """The listing's ½‖x_t − (x_t − w (s_pre − s_est))‖² / N with w = (1 − α) σ, as a loss on the renders ``x``
+        whose gradient is α (1 − α)(ε̂_pre − ε̂_est) / N (``result``: an engine step with ``weighting="uniform"``, so
+        ``result.grad`` is ε̂_pre − ε̂_est)."""
+        alpha = self.alpha(result.t).to(x.dtype)[:, None]
+        return (x * (alpha * (1 - alpha) * result.grad)).sum() / x.shape[0]
 
 
 def gaussian_epsilon(x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, mu: torch.Tensor,
@@ -114,6 +164,7 @@ class GaussianScore(nn.Module):
         params = [self.mu, self.factor]
         self.optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw"
                           else torch.optim.SGD(params, lr=lr))
+        self.frozen = False  # the listing's real-vsd: r takes no step inside the engine's call (it trains after q's)
 
     def forward(self, x_t, t, text=None, camera=None):
         return gaussian_epsilon(x_t, t, self.alphas_cumprod, self.mu, self.factor)
@@ -139,7 +190,8 @@ class GaussianScore(nn.Module):
         raise ValueError(f"scope must be 'all' or 'last'; got {scope!r}")
 
     def step(self):
-        self.optimizer.step()
+        if not self.frozen:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -186,10 +238,13 @@ class StudyConfig:
     warmup_steps: int = 100
     dist_0: float = 10.0
     log_every: int = 10
+    setup: str = "engine"         # "listing": Appendix F's noise model, N_render = 4, real-vsd's r after q's step
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        if self.setup not in SETUPS:
+            raise ValueError(f"setup must be one of {', '.join(SETUPS)}; got {self.setup!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
         if self.samples_per_step < 1:
@@ -236,7 +291,9 @@ def run(method: str, seed: int, cfg: StudyConfig, snapshot_steps=()) -> dict:
         raise ValueError(f"method must be one of {', '.join(PAPER_METHODS)}; got {method!r}")
     engine_method, r_setup = _engine_setup(method, cfg)
     p_mu, p_factor, q_mu, q_factor = make_problem(seed, cfg.dist_0)
-    alphas = paper_alphas_cumprod()
+    listing = ListingNoise(cfg.samples_per_step) if cfg.setup == "listing" else None
+    alphas = listing.alphas_cumprod() if listing else paper_alphas_cumprod()
+    r_after_q = listing is not None and method == "real-vsd"  # the listing's order of real-vsd
     prior = GaussianPrior(p_mu, p_factor, alphas)
     scene = GaussianScene(q_mu.clone(), q_factor.clone())
     score = None
@@ -247,8 +304,11 @@ def run(method: str, seed: int, cfg: StudyConfig, snapshot_steps=()) -> dict:
         lora_steps = 1
     distill_cfg = DistillConfig(method=engine_method, eta=cfg.eta, lookahead=cfg.lookahead, lora_steps=lora_steps,
                                 jvp_mode=cfg.jvp_mode,
-                                weighting="sds",
-                                timesteps=TimestepSampler(NUM_TIMESTEPS, min_step_percent=0.0, max_step_percent=1.0))
+                                weighting="uniform" if listing else "sds",  # the listing's weight: applied below
+                                timesteps=listing or TimestepSampler(NUM_TIMESTEPS, min_step_percent=0.0,
+                                                                     max_step_percent=1.0))
+    if r_after_q:
+        score.frozen = True
     optimizer = torch.optim.AdamW(scene.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = _cosine_with_warmup(optimizer, cfg.warmup_steps, int(cfg.steps * 1.5))
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -278,9 +338,13 @@ def run(method: str, seed: int, cfg: StudyConfig, snapshot_steps=()) -> dict:
         optimizer.zero_grad(set_to_none=True)
         x = scene.render(cfg.samples_per_step, gen)
         result = score_distillation(x, prior, score, cond, distill_cfg, step=step, generator=gen)
-        result.loss.backward()
+        (listing.loss(x, result) if listing else result.loss).backward()
         optimizer.step()
         scheduler.step()
+        if r_after_q:  # r regresses the q that the step just made
+            score.frozen = False
+            train_trainable_score(score, x, cond, lora_steps)
+            score.frozen = True
         terms_log.append(result.terms)
     return {"w2": w2, "kl": kl, "steps": steps_logged, "snapshots": snaps,
             "final_mu": scene.mu.detach().tolist(), "p_mu": p_mu.tolist(),
@@ -308,7 +372,7 @@ def study(methods, seeds: int, cfg: StudyConfig, progress=None) -> tuple[dict, d
     snapshot_steps = sorted({0, cfg.steps // 8, cfg.steps // 4, cfg.steps // 2, cfg.steps})
     summary = {"methods": {}, "seeds": seeds, "steps": cfg.steps, "variant": cfg.variant,
                "samples_per_step": cfg.samples_per_step, "eta": cfg.eta, "lookahead": cfg.lookahead,
-               "log_every": cfg.log_every}
+               "log_every": cfg.log_every, "setup": cfg.setup}
     pictures = {}
     for method in methods:
         runs = []
@@ -384,7 +448,8 @@ def plot(summary: dict, pictures: dict, path: str) -> None:
     curve_ax.set_xlabel("step", fontsize=8)
     curve_ax.set_ylabel(f"W2(q, p), mean of {summary['seeds']} seeds", fontsize=8)
     curve_ax.legend(fontsize=7, ncol=4)
-    fig.suptitle(f"2D Gaussian study, variant {summary['variant']}, {summary['samples_per_step']} sample(s)/step, "
+    fig.suptitle(f"2D Gaussian study ({summary.get('setup', 'engine')} setup), variant {summary['variant']}, "
+                 f"{summary['samples_per_step']} sample(s)/step, "
                  f"η={summary['eta']} (seed 0 shown above)", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -421,6 +486,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--eta", type=float, default=StudyConfig.eta, help="lookahead step η of l2vsd")
     parser.add_argument("--lookahead", default=StudyConfig.lookahead, choices=("paper", "sgd_mean", "optimizer"),
                         help="the step of r that l2vsd linearizes (optimizer: r's AdamW steps, scaled by η)")
+    parser.add_argument("--setup", default="engine", choices=SETUPS,
+                        help="listing: Appendix F's noise model (α = 1 − β, σ = √((1 − α)/α)), N_render = 4 with a "
+                             "cumulative product, and real-vsd's r trained after q's step")
     parser.add_argument("--jvp-mode", default="forward_ad")
     parser.add_argument("--json", required=True, help="where to write the summary JSON")
     parser.add_argument("--plot", help="where to write the PNG")
@@ -433,8 +501,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--seeds must be >= 1")
     try:
         cfg = StudyConfig(steps=args.steps, variant=args.variant, eta=args.eta, lookahead=args.lookahead,
-                          jvp_mode=args.jvp_mode,
-                          samples_per_step=4 if args.variant == "fig13" else 1)
+                          jvp_mode=args.jvp_mode, setup=args.setup,
+                          samples_per_step=4 if args.variant == "fig13" or args.setup == "listing" else 1)
         DistillConfig(method="l2vsd", eta=cfg.eta, lookahead=cfg.lookahead, jvp_mode=cfg.jvp_mode)  # validate early
     except ValueError as err:
         parser.error(str(err))

@@ -16,6 +16,7 @@ ESD's λ = 0.5, ``l2esd`` L²-VSD with it, ``hifa`` VSD with HiFA's √-annealed
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,6 +49,25 @@ METHOD_PRESETS = {
 FIELD_SCORES = ("fidelity", "frechet", "iou")  # of the stage-1 field; a stage's GLB scores carry "_s<stage>"
 
 
+def method_options(method: str) -> dict:
+    """``generate``'s options of a method: a :data:`METHOD_PRESETS` name, optionally with the 2D study's variant
+    after it (:func:`l2vsd_core.toys.image2d.parse_method`): ``sds@cfg100``, ``lvsd[gamma=5]``,
+    ``l2vsd[paper,eta=0.001]``, ``l2esd[optimizer,eta=1]``.  ``ValueError`` names what is wrong."""
+    from ..image2d import Variant, parse_method
+
+    match = re.fullmatch(r"([a-z0-9_]+)((?:@cfg[^\[]*)?(?:\[.*\])?)", method.strip())
+    if not match or match.group(1) not in METHOD_PRESETS:
+        raise ValueError(f"method must be one of {', '.join(METHOD_PRESETS)}, optionally with a variant "
+                         f"(sds@cfg100, l2vsd[paper,eta=0.001]); got {method!r}")
+    options = dict(METHOD_PRESETS[match.group(1)])
+    if match.group(2):
+        variant = parse_method(options["method"] + match.group(2))
+        plain = Variant(name=variant.name, method=variant.method)
+        options.update({name: getattr(variant, name) for name in ("guidance_scale", "lookahead", "eta", "lora_steps")
+                        if getattr(variant, name) != getattr(plain, name)})  # generate's options of the same names
+    return options
+
+
 def stage_glb(run_dir, stage: int) -> Path:
     """Where the GLB of ``stage`` is kept: ``model.glb`` is overwritten by every later stage."""
     return Path(run_dir) / f"model_s{stage}.glb"
@@ -57,14 +77,13 @@ def toy_options(prompt: str, method: str, out, seed: int = 0, steps: Optional[in
                 **overrides) -> dict:
     """:func:`~l2vsd_core.generate.generate`'s options for the toy: the toy recipe (:data:`l2vsd_core.recipes.TOY`;
     the later stages' settings with ``stages`` 2 and 3), the method's preset, then ``overrides``."""
-    if method not in METHOD_PRESETS:
-        raise ValueError(f"method must be one of {', '.join(METHOD_PRESETS)}; got {method!r}")
+    preset = method_options(method)
     options = dict(TOY if stages > 1 else TOY_STAGE1, prompt=prompt, prior="toy", out=str(out), seed=int(seed))
     options["stages"] = int(stages)
     if steps is not None:
         options["steps"] = int(steps)
     options["max_step_percent"] = toy_anneal(options["steps"])  # ProlificDreamer's anneal, scaled to the run
-    options.update(METHOD_PRESETS[method])
+    options.update(preset)
     options.update(overrides)
     return options
 
