@@ -111,6 +111,27 @@ def test_toy_options_add_the_refinement_settings_only_for_later_stages():
     assert all(one[k] == v for k, v in TOY_STAGE1.items())
 
 
+def test_method_variants_set_the_engine_options_they_name():
+    """bench quality's methods take the 2D study's variants; what each sets reaches generate's config."""
+    from l2vsd_core.bench.quality import split_methods
+    from l2vsd_core.config import from_options, option_defaults
+    from l2vsd_core.toys.world.demo import method_options, toy_options
+
+    assert split_methods("vsd, l2vsd[paper,eta=0.001],sds@cfg100") == ("vsd", "l2vsd[paper,eta=0.001]", "sds@cfg100")
+    assert method_options("l2vsd[paper,eta=0.001]") == {"method": "l2vsd", "lookahead": "paper", "eta": 0.001}
+    assert method_options("l2esd[optimizer,eta=1]") == {"method": "l2vsd", "esd_lambda": 0.5, "lookahead": "optimizer",
+                                                        "eta": 1.0}
+    assert method_options("sds@cfg100") == {"method": "sds", "guidance_scale": 100.0}
+    assert method_options("lvsd[gamma=5]") == {"method": "lvsd", "lora_steps": 5}
+    options = toy_options("a red cube", "l2vsd[optimizer,eta=2]", "out/x", lora_lr=1e-2)
+    config = from_options({**option_defaults(), **options})
+    d = config.nerf.distill
+    assert (d.method, d.lookahead, d.eta, config.lora.lr) == ("l2vsd", "optimizer", 2.0, 1e-2)
+    for bad, message in [("l3vsd[paper]", "method must be one of"), ("l2vsd[papr]", "'papr' is not one of")]:
+        with pytest.raises(ValueError, match=message):
+            method_options(bad)
+
+
 def test_summary_means_and_stds():
     rows = [{"method": "vsd", "fidelity": f, "frechet": 1.0, "iou": 0.5, "seconds": 2.0} for f in (0.2, 0.4)]
     s = summarize(rows)["vsd"]
