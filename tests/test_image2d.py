@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from l2vsd_core.toys.image2d import StudyConfig, Variant, parse_method, run_study, summarize, table
+import torch
+
+from l2vsd_core.toys.image2d import StudyConfig, Variant, parse_method, plot, roughness, run_study, summarize, table
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -23,8 +25,8 @@ def test_method_names_parse_into_engine_settings():
 
 
 def test_summary_means_intervals_and_pairs():
-    rows = [{"prompt": "p", "method": m, "seed": s, "fidelity": f, "frechet": d, "diversity": 1.0, "seconds": 2.0,
-             "ratio": [[0, 0.5]]}
+    rows = [{"prompt": "p", "method": m, "seed": s, "fidelity": f, "frechet": d, "diversity": 1.0, "roughness": 0.1,
+             "seconds": 2.0, "ratio": [[0, 0.5]]}
             for m, s, f, d in (("vsd", 0, 0.5, 10.0), ("vsd", 1, 0.7, 12.0), ("sds", 0, 0.4, 13.0),
                                ("sds", 1, 0.6, 16.0))]
     study = summarize(rows)
@@ -51,3 +53,21 @@ def test_a_short_study_runs_scores_and_resumes(tmp_path):
     before = kept.stat().st_mtime_ns
     again = run_study(["a red cube"], ["sds", "l2vsd[optimizer,eta=1]"], 1, config, tmp_path, log=lambda m: None)
     assert again["rows"] == json.loads(json.dumps(study["rows"])) and kept.stat().st_mtime_ns == before
+    # a run kept before roughness was measured gets it from its kept particles
+    row = json.loads(kept.read_text())
+    measured = row.pop("roughness")
+    kept.write_text(json.dumps(row))
+    old = run_study(["a red cube"], ["l2vsd[optimizer,eta=1]"], 1, config, tmp_path, log=lambda m: None)
+    assert old["rows"][0]["roughness"] == pytest.approx(measured, abs=1 / 255)
+    assert 0 < study["config"]["reference_roughness"]["a red cube"] < 1
+    path = plot(study, tmp_path / "lookahead.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roughness_is_the_mean_neighbour_difference():
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    assert roughness(flat) == 0.0
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float().expand(1, 3, 8, 8)
+    assert roughness(checker) == pytest.approx(1.0)  # every neighbour differs by 1
+    ramp = torch.linspace(0, 1, 8).expand(1, 3, 8, 8)  # horizontal steps of 1/7, no vertical change
+    assert roughness(ramp) == pytest.approx((1 / 7) * 56 / 112)

@@ -8,7 +8,8 @@ the way, so a difference between estimators shows here first, and fast.
 
 A method is the engine's (``DistillConfig.method``) with its variant after it: ``sds@cfg100`` (CFG 100 instead of
 7.5), ``lvsd[gamma=5]`` (γ LoRA steps), ``l2vsd[paper,eta=0.1]`` (lookahead kind and η), ``l2vsd_last[optimizer]``,
-``hlvsd[optimizer,eta=1]``.
+``hlvsd[optimizer,eta=1]``.  ``--plot F`` draws the lookahead's ratio over the run and, per lookahead kind, the ratio
+and the paired differences from vsd against η.
 
 A particle is ``tanh(θ)`` in the prior's input space ([-1, 1] pixels; image = (tanh θ + 1) / 2), θ ~ N(0, 1) at the
 start, optimized by Adam; every particle is a front view (elevation 15°, azimuth 0°: the prompt gets "front view",
@@ -17,8 +18,10 @@ fifth of the steps, then ≤ 0.5).
 
 Scores of a run (its ``n`` final particles): the judge's **prompt fidelity** (mean joint probability of shape and
 colour), the **Fréchet distance** of the judge's features to 64 prior samples of the same prompt and view, the
-particles' **diversity** (mean pairwise distance of their judge features) and, over the run, the ratio
-‖Δε_first‖ / ‖ε_pre − ε_est‖ (how large the lookahead correction is next to the VSD term).  A method's row averages
+particles' **diversity** (mean pairwise distance of their judge features), their **roughness** (mean absolute
+difference between neighbouring pixels: pixel noise, which the judge's features can read as diversity and a lower
+Fréchet distance; the prior's own samples give the scale) and, over the run, the ratio ‖Δε_first‖ / ‖ε_pre − ε_est‖
+(how large the lookahead correction is next to the VSD term).  A method's row averages
 its runs over prompts × seeds with a 95 % interval (Student t); ``paired`` compares each method with ``vsd`` on the same
 prompt and seed (the same initial particles).
 
@@ -148,9 +151,28 @@ def run_particles(prior, prompt: str, variant: Variant, seed: int, config: Study
         pairs = [float((features[i] - features[j]).norm()) for i in range(n) for j in range(i + 1, n)]
         scores = {"fidelity": prompt_fidelity(images, shape, color),
                   "frechet": frechet_distance(features, judge_features(reference)),
-                  "diversity": statistics.fmean(pairs) if pairs else 0.0}
+                  "diversity": statistics.fmean(pairs) if pairs else 0.0, "roughness": roughness(images)}
     return {"prompt": prompt, "method": variant.name, "seed": seed, **scores, "seconds": seconds,
             "ratio": ratios, "images": images}
+
+
+def roughness(images: torch.Tensor) -> float:
+    """Mean absolute difference between horizontally and vertically neighbouring pixels of images [N, 3, H, W] in
+    [0, 1]: flat shapes on white score low, pixel noise high."""
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs()
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs()
+    return float((dx.sum() + dy.sum()) / (dx.numel() + dy.numel()))
+
+
+def _png_roughness(path: Path, scale: int = 4) -> float:
+    """:func:`roughness` of particles kept by :func:`_save_png` (a row of ``scale``-times enlarged images)."""
+    from PIL import Image
+    import numpy as np
+
+    with Image.open(path) as image:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).float().div(255)[::scale, ::scale]
+    side = pixels.shape[0]
+    return roughness(pixels.permute(2, 0, 1).unflatten(2, (-1, side)).permute(2, 0, 1, 3))
 
 
 def _ci95(values: Sequence[float]) -> float:
@@ -168,7 +190,7 @@ def summarize(rows: list, baseline: str = "vsd") -> dict:
     for name in names:
         mine = [r for r in rows if r["method"] == name]
         entry = {"runs": len(mine), "seconds": statistics.fmean(r["seconds"] for r in mine)}
-        for key in ("fidelity", "frechet", "diversity"):
+        for key in ("fidelity", "frechet", "diversity", "roughness"):
             values = [r[key] for r in mine]
             entry[f"{key}_mean"], entry[f"{key}_ci95"] = statistics.fmean(values), _ci95(values)
         final = [r["ratio"][-1][1] for r in mine if r["ratio"]]
@@ -183,7 +205,7 @@ def summarize(rows: list, baseline: str = "vsd") -> dict:
         if not pairs:
             continue
         entry = {"pairs": len(pairs)}
-        for key in ("fidelity", "frechet", "diversity"):
+        for key in ("fidelity", "frechet", "diversity", "roughness"):
             diffs = [a[key] - b[key] for a, b in pairs]
             entry[f"{key}_diff_mean"], entry[f"{key}_diff_ci95"] = statistics.fmean(diffs), _ci95(diffs)
         paired[name] = entry
@@ -215,14 +237,18 @@ def run_study(prompts: Sequence[str], methods: Sequence[str], seeds: int, config
         parse_prompt(prompt)
     out = Path(out)
     prior = load_prior("toy", device="cpu")
-    rows = []
+    rows, reference_roughness = [], {}
     for prompt in prompts:
         reference = prior_samples(prior, prompt, count=config.reference_samples, view=VIEW)
+        reference_roughness[prompt] = roughness(reference)
         for variant in variants:
             for seed in range(seeds):
                 path = out / _slug(prompt) / _slug(variant.name) / f"seed{seed}.json"
                 if path.is_file():
-                    rows.append(json.loads(path.read_text()))
+                    row = json.loads(path.read_text())
+                    if "roughness" not in row:  # kept before the metric existed: measured on its kept particles
+                        row["roughness"] = _png_roughness(path.with_suffix(".png"))
+                    rows.append(row)
                     continue
                 row = run_particles(prior, prompt, variant, seed, config, reference)
                 _save_png(row.pop("images"), path.with_suffix(".png"))
@@ -232,20 +258,22 @@ def run_study(prompts: Sequence[str], methods: Sequence[str], seeds: int, config
                 log(f"{prompt!r} {variant.name} seed {seed}: fidelity {row['fidelity']:.3f}, Fréchet "
                     f"{row['frechet']:.1f}, diversity {row['diversity']:.2f} ({row['seconds']:.0f} s)")
     return {"config": {**asdict(config), "prompts": list(prompts), "methods": list(methods), "seeds": seeds,
-                       "view": list(VIEW)},
+                       "view": list(VIEW), "reference_roughness": reference_roughness},
             "rows": rows, **summarize(rows)}
 
 
 def table(study: dict) -> str:
     """The summary as a markdown table (mean ± 95 % half-width; paired: the difference from vsd)."""
-    lines = ["| method | fidelity | Fréchet | diversity | Fréchet − vsd (paired) | final ‖Δε_first‖/‖ε_pre − ε_est‖ | s/run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | fidelity | Fréchet | diversity | roughness | Fréchet − vsd (paired) | roughness − vsd "
+             "(paired) | final ‖Δε_first‖/‖ε_pre − ε_est‖ | s/run |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in study["methods"].items():
         p = study["paired"].get(name)
         diff = f"{p['frechet_diff_mean']:+.1f} ± {p['frechet_diff_ci95']:.1f}" if p else "—"
+        rough = f"{p['roughness_diff_mean']:+.3f} ± {p['roughness_diff_ci95']:.3f}" if p else "—"
         lines.append(f"| {name} | {m['fidelity_mean']:.3f} ± {m['fidelity_ci95']:.3f} | {m['frechet_mean']:.1f} ± "
-                     f"{m['frechet_ci95']:.1f} | {m['diversity_mean']:.2f} ± {m['diversity_ci95']:.2f} | {diff} | "
-                     f"{m['ratio_final_mean']:.2e} | {m['seconds']:.0f} |")
+                     f"{m['frechet_ci95']:.1f} | {m['diversity_mean']:.2f} ± {m['diversity_ci95']:.2f} | "
+                     f"{m['roughness_mean']:.3f} | {diff} | {rough} | {m['ratio_final_mean']:.2e} | "
+                     f"{m['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -274,6 +302,58 @@ def grid(study: dict, out, path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def _eta_sweeps(study: dict) -> dict:
+    """``{(method, lookahead): [(η, name), …]}`` of the study's lookahead rows, η ascending."""
+    sweeps = {}
+    for name in study["methods"]:
+        variant = parse_method(name)
+        if variant.method in ("l2vsd", "l2vsd_last", "hlvsd"):
+            sweeps.setdefault((variant.method, variant.lookahead), []).append((variant.eta, name))
+    return {key: sorted(rows) for key, rows in sweeps.items()}
+
+
+def plot(study: dict, path) -> Path:
+    """The lookahead's size and effect: ‖Δε_first‖/‖ε_pre − ε_est‖ over the run per lookahead row (mean of its runs),
+    and against η per lookahead kind the final ratio and the paired Fréchet and roughness differences from vsd
+    (95 % intervals)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, sweeps = study["rows"], _eta_sweeps(study)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for (method, lookahead), named in sweeps.items():
+        for eta, name in named:
+            mine = [r["ratio"] for r in rows if r["method"] == name and r["ratio"]]
+            if mine:
+                steps = [s for s, _ in mine[0]]
+                mean = [statistics.fmean(r[i][1] for r in mine) for i in range(len(steps))]
+                axes[0].semilogy(steps, [max(v, 1e-6) for v in mean], lw=1, label=name)
+        etas = [eta for eta, _ in named]
+        label = f"{method} [{lookahead}]"
+        axes[1].loglog(etas, [max(study["methods"][n]["ratio_final_mean"], 1e-6) for _, n in named], "o-",
+                       label=label)
+        for ax, key in ((axes[2], "frechet"), (axes[3], "roughness")):
+            paired = [study["paired"].get(n) for _, n in named]
+            keep = [(e, p) for e, p in zip(etas, paired) if p]
+            if keep:
+                ax.errorbar([e for e, _ in keep], [p[f"{key}_diff_mean"] for _, p in keep],
+                            yerr=[p[f"{key}_diff_ci95"] for _, p in keep], fmt="o-", capsize=3, label=label)
+                ax.set_xscale("log")
+    axes[0].set(title="‖Δε_first‖ / ‖ε_pre − ε_est‖ over the run", xlabel="step")
+    axes[1].set(title="final ratio against η", xlabel="η")
+    axes[2].set(title="Fréchet − vsd (paired, 95 %)", xlabel="η")
+    axes[3].set(title="roughness − vsd (paired, 95 %)", xlabel="η")
+    for ax in axes[2:]:
+        ax.axhline(0, color="0.5", lw=0.8)
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -288,6 +368,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="out/image2d", help="work folder: each run kept, an interrupted study resumes")
     parser.add_argument("--json", default=None)
     parser.add_argument("--grid", default=None)
+    parser.add_argument("--plot", default=None, help="PNG of the lookahead's ratio curves and η sweeps")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     try:
@@ -308,6 +389,9 @@ def main(argv=None) -> int:
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         grid(study, args.out, args.grid)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(study, args.plot)
     return 0
 
 
