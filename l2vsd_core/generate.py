@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .config import RunConfig, from_options, option_defaults, scheduled_max
-from .files import atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 from .runner import STAGE_FILES, Hooks, ResumeError
 
 __all__ = ["GenerateError", "generate", "run_config", "OUTPUT_NAMES"]
@@ -123,7 +123,15 @@ def generate(options: Union[RunConfig, dict], progress: Optional[Callable] = Non
     recorded = {"options": {**option_defaults(config), **{k: getattr(config, k) for k in
                                                           ("prompt", "negative_prompt", "prior", "out", "resume")}},
                 "config": config.to_json()}
-    atomic_write_text(out / OUTPUT_NAMES["config"], json.dumps(recorded, indent=1, default=str))
+    record = out / OUTPUT_NAMES["config"]
+    earlier = record.read_bytes() if config.resume and record.is_file() else None
+    atomic_write_text(record, json.dumps(recorded, indent=1, default=str))
+
+    def refused(e: Exception) -> GenerateError:
+        """A checkpoint refused these settings before anything ran: the folder keeps the settings it was made with."""
+        if earlier is not None:
+            atomic_write_bytes(record, earlier)
+        return GenerateError(str(e))
     if not config.resume:  # a fresh stage 1 makes the later stages' checkpoints stale
         for name in ("geometry", "texture"):
             for path in (out / STAGE_FILES[name][0], out / f"{STAGE_FILES[name][0]}.json"):
@@ -135,7 +143,7 @@ def generate(options: Union[RunConfig, dict], progress: Optional[Callable] = Non
         run = pipeline.optimize_nerf(prior, prompts, field, background, renderer, config.nerf, config.lora, out,
                                      config.resume, hooks(1))
     except ResumeError as e:
-        raise GenerateError(str(e)) from e
+        raise refused(e) from e
     result["step"] = run.step
     result["paths"].update(checkpoint=str(out / OUTPUT_NAMES["checkpoint"]),
                            curves=str(_curves_png(out, "nerf", run.history)))
@@ -152,11 +160,16 @@ def generate(options: Union[RunConfig, dict], progress: Optional[Callable] = Non
         result["stage_steps"] = {"stage1": run.step}
         for module in (field, background):
             module.eval()
-        ran = run.ran
+        ran = ran_any = run.ran
         for number in range(2, config.stages + 1):
             name = STAGE_NAMES[number]
-            stage_run, mesh, color, shown = _refine(number, config, prior, prompts, field, background, mesh, out,
-                                                    ran, hooks(number), log)
+            try:
+                stage_run, mesh, color, shown = _refine(number, config, prior, prompts, field, background, mesh,
+                                                        out, ran, hooks(number), log)
+            except ResumeError as e:
+                if ran_any:
+                    raise GenerateError(str(e)) from e
+                raise refused(e) from e
             result["stage_steps"][name] = stage_run.step
             result["paths"][f"{name}_checkpoint"] = str(out / STAGE_FILES[name][0])
             result["paths"][f"{name}_curves"] = str(_curves_png(out, name, stage_run.history))
@@ -165,6 +178,7 @@ def generate(options: Union[RunConfig, dict], progress: Optional[Callable] = Non
                     f"{out / STAGE_FILES[name][0]} (continue with --resume)")
                 return {**result, "stopped": True}
             ran = stage_run.ran
+            ran_any = ran_any or ran
     _export(config, out, mesh, color, shown, renderer, view, result, log)
     result["paths"]["config"] = str(out / OUTPUT_NAMES["config"])
     return result
@@ -180,21 +194,18 @@ def _refine(number: int, config: RunConfig, prior, prompts, field, background, m
     if config.resume and previous_ran and (out / STAGE_FILES[name][0]).is_file():
         log(f"the stage before the {name} stage ran further: {out / STAGE_FILES[name][0]} is out of date, "
             f"starting the {name} stage anew")
-    try:
-        if number == 2:
-            try:
-                run, mesh, _ = pipeline.refine_geometry(prior, prompts, field, config.geometry, config.lora, out,
-                                                        may_resume, hooks)
-            except ValueError as e:
-                if isinstance(e, ResumeError) or "no surface" not in str(e):
-                    raise
-                raise GenerateError(f"{e} (the option is --threshold; stage 1 is in {out / OUTPUT_NAMES['checkpoint']}:"
-                                    f" continue with --resume)") from e
-            return run, mesh, field, background
-        run, stage = pipeline.refine_texture(prior, prompts, mesh, config.scene, config.background,
-                                             float(field.radius), config.texture, config.lora, out, may_resume, hooks)
-    except ResumeError as e:
-        raise GenerateError(str(e)) from e
+    if number == 2:  # a ResumeError goes up to generate: it knows whether anything ran before
+        try:
+            run, mesh, _ = pipeline.refine_geometry(prior, prompts, field, config.geometry, config.lora, out,
+                                                    may_resume, hooks)
+        except ValueError as e:
+            if isinstance(e, ResumeError) or "no surface" not in str(e):
+                raise
+            raise GenerateError(f"{e} (the option is --threshold; stage 1 is in {out / OUTPUT_NAMES['checkpoint']}:"
+                                f" continue with --resume)") from e
+        return run, mesh, field, background
+    run, stage = pipeline.refine_texture(prior, prompts, mesh, config.scene, config.background,
+                                         float(field.radius), config.texture, config.lora, out, may_resume, hooks)
     return run, stage.mesh, stage.field, stage.background
 
 

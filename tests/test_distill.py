@@ -82,6 +82,7 @@ def run(method, score=None, prior=None, x0=None, cond=None, seed=0, **cfg):
     x0 = torch.randn(2, 4) if x0 is None else x0
     prior = ConstantPrior(torch.full((4,), 0.3)) if prior is None else prior
     cfg.setdefault("timesteps", fixed_t(0.5))
+    cfg.setdefault("lookahead", "sgd_mean")  # the SGD-step closed forms below; other kinds are named where tested
     config = DistillConfig(method=method, **cfg)
     return score_distillation(x0, prior, score, cond or Conditioning(), config, generator=torch.Generator().manual_seed(seed))
 

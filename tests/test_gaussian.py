@@ -49,17 +49,22 @@ def test_paper_noise_schedule():
     assert float(alphas[0]) == pytest.approx(1 - 1e-4) and float(alphas[-1]) == pytest.approx(0.98)
 
 
-def test_one_vsd_step_of_the_toy_is_the_papers_score_difference():
-    """Appendix F's real-vsd: grad = −w (∇log p_t − ∇log r_t) with w = (1 − ᾱ) σ; in ε-units (1 − ᾱ)(ε_p − ε_r)."""
-    p_mu, p_factor, q_mu, q_factor = G.make_problem(3)
-    alphas = G.paper_alphas_cumprod()
+def problem_with_r(seed, alphas):
+    """Appendix F's p and q for ``seed`` and an r away from zero; → p's μ and factor, prior, q, r, r's μ and factor."""
+    p_mu, p_factor, q_mu, q_factor = G.make_problem(seed)
     prior = G.GaussianPrior(p_mu, p_factor, alphas)
     scene = G.GaussianScene(q_mu.clone(), q_factor.clone())
     score = G.GaussianScore(scene, alphas)
     with torch.no_grad():
         score.mu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
         score.factor.copy_(torch.tensor([[0.5, 0.1], [0.0, 0.7]], dtype=torch.float64))
-    r_mu, r_factor = score.mu.detach().clone(), score.factor.detach().clone()
+    return p_mu, p_factor, prior, scene, score, score.mu.detach().clone(), score.factor.detach().clone()
+
+
+def test_one_vsd_step_of_the_toy_is_the_papers_score_difference():
+    """Appendix F's real-vsd: grad = −w (∇log p_t − ∇log r_t) with w = (1 − ᾱ) σ; in ε-units (1 − ᾱ)(ε_p − ε_r)."""
+    alphas = G.paper_alphas_cumprod()
+    p_mu, p_factor, prior, scene, score, r_mu, r_factor = problem_with_r(3, alphas)
     x0 = scene.render(4, torch.Generator().manual_seed(1))
     cfg = DistillConfig(method="vsd", lora_steps=10, timesteps=TimestepSampler(1000, 0.0, 1.0))
     res = score_distillation(x0, prior, score, Conditioning(), cfg, generator=torch.Generator().manual_seed(2))
@@ -175,16 +180,8 @@ def test_listing_noise_draws_the_cumulative_product_of_the_listings_betas():
 def test_listing_setup_gives_q_the_listings_gradient():
     """One real-vsd step with the listing's noise: the engine's ε-units path gives the renders exactly the gradient of
     the listing's own loss (scores in score units, x_t = α x + σ ε, w = (1 − α) σ, differentiated through x_t)."""
-    p_mu, p_factor, q_mu, q_factor = G.make_problem(2)
     noise = G.ListingNoise(renders=4)
-    alphas = noise.alphas_cumprod()
-    prior = G.GaussianPrior(p_mu, p_factor, alphas)
-    scene = G.GaussianScene(q_mu.clone(), q_factor.clone())
-    score = G.GaussianScore(scene, alphas)
-    with torch.no_grad():
-        score.mu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
-        score.factor.copy_(torch.tensor([[0.5, 0.1], [0.0, 0.7]], dtype=torch.float64))
-    r_mu, r_factor = score.mu.detach().clone(), score.factor.detach().clone()
+    p_mu, p_factor, prior, scene, score, r_mu, r_factor = problem_with_r(2, noise.alphas_cumprod())
     x = scene.render(4, torch.Generator().manual_seed(1)).detach().requires_grad_(True)
     cfg = DistillConfig(method="vsd", weighting="uniform", timesteps=noise)
     res = score_distillation(x, prior, score, Conditioning(), cfg, generator=torch.Generator().manual_seed(3))

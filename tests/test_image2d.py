@@ -7,6 +7,7 @@ import pytest
 
 import torch
 
+from l2vsd_core.distill import DistillConfig
 from l2vsd_core.toys.image2d import StudyConfig, Variant, parse_method, plot, roughness, run_study, summarize, table
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
@@ -14,6 +15,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 
 def test_method_names_parse_into_engine_settings():
     assert parse_method("vsd") == Variant(name="vsd", method="vsd")
+    plain = parse_method("l2vsd")  # the engine's defaults: the row a user gets
+    assert (plain.lookahead, plain.eta) == (DistillConfig().lookahead, DistillConfig().eta)
     assert parse_method("sds@cfg100") == Variant(name="sds@cfg100", method="sds", guidance_scale=100.0)
     assert parse_method("lvsd[gamma=5]").lora_steps == 5
     v = parse_method("l2vsd[optimizer,eta=1]")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from l2vsd_core.distill import DistillConfig
 from nodes.model_nodes import AttachLoRAScore, LoadedPrior, ScoreSettings
 from nodes.optimize_node import L2VSDOptimize, nerf_config
 from nodes.scene_nodes import InitNeRF, Scene, scene_settings
@@ -81,7 +82,12 @@ def test_the_lookahead_reaches_every_stage_and_the_node_lists_the_cores_kinds():
     from nodes.model_nodes import LOOKAHEADS as NODE_LOOKAHEADS
 
     assert NODE_LOOKAHEADS == LOOKAHEADS
-    assert _config().distill.lookahead == "sgd_mean"  # the default until the study chooses (issue 14)
+    # a fresh node takes the defaults the study chose (README "Does the lookahead do anything?"), the core's; a graph
+    # saved before the input existed ran sgd_mean and still does
+    assert (_config().distill.lookahead, _config().distill.eta) == ("sgd_mean", 0.5) == \
+        (DistillConfig().lookahead, DistillConfig().eta)
+    saved = {k: v for k, v in _defaults(AttachLoRAScore).items() if k != "lookahead"}
+    assert AttachLoRAScore().attach(prior=_prior(), **saved)[0].lookahead == "sgd_mean"
     for kind in LOOKAHEADS:
         score = _score(lookahead=kind, eta=0.5)
         assert (_config(score=score).distill.lookahead, _config(score=score).distill.eta) == (kind, 0.5)

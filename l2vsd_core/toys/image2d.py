@@ -41,6 +41,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..distill import DistillConfig
 from ..files import atomic_write, atomic_write_text
 
 __all__ = ["Variant", "parse_method", "StudyConfig", "run_particles", "run_study", "main"]
@@ -57,8 +58,8 @@ class Variant:
     name: str
     method: str
     guidance_scale: float = 7.5
-    lookahead: str = "sgd_mean"
-    eta: float = 0.01
+    lookahead: str = DistillConfig.lookahead  # the engine's defaults: "l2vsd" is what a user gets
+    eta: float = DistillConfig.eta
     lora_steps: int = 1
 
 
@@ -170,7 +171,7 @@ def _png_roughness(path: Path, scale: int = 4) -> float:
     import numpy as np
 
     with Image.open(path) as image:
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).float().div(255)[::scale, ::scale]
+        pixels = torch.from_numpy(np.array(image.convert("RGB"))).float().div(255)[::scale, ::scale]
     side = pixels.shape[0]
     return roughness(pixels.permute(2, 0, 1).unflatten(2, (-1, side)).permute(2, 0, 1, 3))
 
