@@ -4,7 +4,7 @@
 # toy recipe's LoRA learning rate 1e-3 (two prompts × 3 seeds: the estimators, then the η sweeps of the paper and
 # optimizer lookaheads), then at 1e-2 (one prompt × 3 seeds), then one call per learning rate that reads every kept run
 # and writes docs/image2d/study*.json, grid*.png and lookahead.png. ≈ 2.5 h on 2 cores.
-# "l2vsd[sgd_mean,eta=0.01]" is what plain "l2vsd" meant before the study chose the default (optimizer, η = 1).
+# "l2vsd[sgd_mean,eta=0.01]" is what plain "l2vsd" meant before the study chose the default (sgd_mean, η = 0.5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,10 +19,11 @@ ONE=(--prompts "a red cube" --lora-lr 1e-2 --out out/image2d_lr1e-2)
 { run "${TWO[@]}" --methods "l2vsd[sgd_mean,eta=0.01]" "l2vsd[optimizer,eta=1]"
   run "${ONE[@]}" --methods "l2vsd[sgd_mean,eta=0.01]" "l2vsd[optimizer,eta=1]" "l2vsd[paper,eta=0.01]"
   run "${TWO[@]}" --methods "l2vsd_last[optimizer,eta=1]" "l2vsd[paper,eta=0.001]"
-  run "${TWO[@]}" --methods "l2vsd[paper,eta=0.1]" "l2vsd[optimizer,eta=10]" "l2vsd[optimizer,eta=100]"; } \
+  run "${TWO[@]}" --methods "l2vsd[paper,eta=0.1]" "l2vsd[optimizer,eta=10]" "l2vsd[optimizer,eta=100]"
+  run "${TWO[@]}" --methods "l2vsd[sgd_mean,eta=0.5]"; } \
   > out/image2d_B.log 2>&1 &
 wait
-LR3=(sds sds@cfg100 vsd lvsd "lvsd[gamma=5]" "l2vsd[sgd_mean,eta=0.01]"
+LR3=(sds sds@cfg100 vsd lvsd "lvsd[gamma=5]" "l2vsd[sgd_mean,eta=0.01]" "l2vsd[sgd_mean,eta=0.5]"
      "l2vsd[paper,eta=0.0001]" "l2vsd[paper,eta=0.001]" "l2vsd[paper,eta=0.003]" "l2vsd[paper,eta=0.01]"
      "l2vsd[paper,eta=0.03]" "l2vsd[paper,eta=0.1]"
      "l2vsd[optimizer,eta=1]" "l2vsd[optimizer,eta=10]" "l2vsd[optimizer,eta=100]"
