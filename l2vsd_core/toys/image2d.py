@@ -8,8 +8,8 @@ the way, so a difference between estimators shows here first, and fast.
 
 A method is the engine's (``DistillConfig.method``) with its variant after it: ``sds@cfg100`` (CFG 100 instead of
 7.5), ``lvsd[gamma=5]`` (γ LoRA steps), ``l2vsd[paper,eta=0.1]`` (lookahead kind and η), ``l2vsd_last[optimizer]``,
-``hlvsd[optimizer,eta=1]``.  ``--plot F`` draws the lookahead's ratio over the run and, per lookahead kind, the ratio
-and the paired differences from vsd against η.
+``hlvsd[optimizer,eta=1]``.  ``--plot F`` draws the lookahead's ratio over the run, the ratio against η per lookahead
+kind, and the paired differences from vsd against the ratio.
 
 A particle is ``tanh(θ)`` in the prior's input space ([-1, 1] pixels; image = (tanh θ + 1) / 2), θ ~ N(0, 1) at the
 start, optimized by Adam; every particle is a front view (elevation 15°, azimuth 0°: the prompt gets "front view",
@@ -315,8 +315,8 @@ def _eta_sweeps(study: dict) -> dict:
 
 def plot(study: dict, path) -> Path:
     """The lookahead's size and effect: ‖Δε_first‖/‖ε_pre − ε_est‖ over the run per lookahead row (mean of its runs),
-    and against η per lookahead kind the final ratio and the paired Fréchet and roughness differences from vsd
-    (95 % intervals)."""
+    the final ratio against η per lookahead kind, and the paired Fréchet and roughness differences from vsd (95 %
+    intervals) against that ratio."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -334,17 +334,19 @@ def plot(study: dict, path) -> Path:
         label = f"{method} [{lookahead}]"
         axes[1].loglog(etas, [max(study["methods"][n]["ratio_final_mean"], 1e-6) for _, n in named], "o-",
                        label=label)
+        # the effect against the correction's size: every kind on one axis (η means something else in each)
+        ratios = [max(study["methods"][n]["ratio_final_mean"], 1e-6) for _, n in named]
         for ax, key in ((axes[2], "frechet"), (axes[3], "roughness")):
             paired = [study["paired"].get(n) for _, n in named]
-            keep = [(e, p) for e, p in zip(etas, paired) if p]
+            keep = [(r, p) for r, p in zip(ratios, paired) if p]
             if keep:
-                ax.errorbar([e for e, _ in keep], [p[f"{key}_diff_mean"] for _, p in keep],
+                ax.errorbar([r for r, _ in keep], [p[f"{key}_diff_mean"] for _, p in keep],
                             yerr=[p[f"{key}_diff_ci95"] for _, p in keep], fmt="o-", capsize=3, label=label)
                 ax.set_xscale("log")
     axes[0].set(title="‖Δε_first‖ / ‖ε_pre − ε_est‖ over the run", xlabel="step")
-    axes[1].set(title="final ratio against η", xlabel="η")
-    axes[2].set(title="Fréchet − vsd (paired, 95 %)", xlabel="η")
-    axes[3].set(title="roughness − vsd (paired, 95 %)", xlabel="η")
+    axes[1].set(title="final ratio against η (each kind's own η)", xlabel="η")
+    axes[2].set(title="Fréchet − vsd (paired, 95 %)", xlabel="final ratio ‖Δε_first‖ / ‖ε_pre − ε_est‖")
+    axes[3].set(title="roughness − vsd (paired, 95 %)", xlabel="final ratio ‖Δε_first‖ / ‖ε_pre − ε_est‖")
     for ax in axes[2:]:
         ax.axhline(0, color="0.5", lw=0.8)
     for ax in axes:
