@@ -215,6 +215,8 @@ def test_paired_differences_match_the_same_prompt_and_seed():
     # +0.0004 rounds to 0.000 at the table's precision: a tie, counted neither way
     assert fid["mean"] == pytest.approx(0.0502) and (fid["better"], fid["worse"]) == (1, 0)
     assert fre["mean"] == pytest.approx(0.5) and fre["std"] == pytest.approx(2.5)
+    # deltas −2 and +3: sample sd 5/√2, t(1) = 12.706, so the 95 % half-width is 12.706 · (5/√2) / √2 = 31.765
+    assert fre["ci95"] == pytest.approx(12.706 * 2.5)
     assert (fre["better"], fre["worse"]) == (1, 1)  # lower Fréchet is better
     assert iou["mean"] == pytest.approx(0.075) and (iou["better"], iou["worse"]) == (2, 0)
     table = paired_table({"paired": paired})

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..files import atomic_write_text
+from ..toys.image2d import ci95
 
 DEFAULT_METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "esd", "l2esd")
 SCORES = ("fidelity", "frechet", "iou")
@@ -197,7 +198,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def paired_differences(rows: list[dict], baseline: str = "vsd") -> dict:
     """Per method other than ``baseline``: its stage-1 scores minus the baseline's on the same (prompt, seed), as
-    ``{metric: {"mean", "std", "better", "worse", "pairs"}}`` ("better": higher fidelity or IoU, lower Fréchet; a
+    ``{metric: {"mean", "std", "ci95", "better", "worse", "pairs"}}`` (``ci95``: half-width of the 95 % interval of the
+    mean difference, Student t) ("better": higher fidelity or IoU, lower Fréchet; a
     difference that rounds to zero at the table's precision, :data:`DIGITS`, is a tie and counts as neither).
     Runs of one prompt and seed start from the same initial scene, so these differences are free of the spread
     between prompts that dominates the summary's standard deviations.  Empty when ``baseline`` has no rows."""
@@ -214,6 +216,7 @@ def paired_differences(rows: list[dict], baseline: str = "vsd") -> dict:
             deltas = [r[name] - b[name] for r, b in pairs]
             shown = [sign * round(d, DIGITS[name]) for d in deltas]
             paired[method][name] = {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas),
+                                    "ci95": ci95(deltas),
                                     "better": sum(d > 0 for d in shown), "worse": sum(d < 0 for d in shown),
                                     "pairs": len(deltas)}
     return paired

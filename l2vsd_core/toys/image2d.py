@@ -44,7 +44,7 @@ import torch
 from ..distill import DistillConfig
 from ..files import atomic_write, atomic_write_text
 
-__all__ = ["Variant", "parse_method", "StudyConfig", "run_particles", "run_study", "main"]
+__all__ = ["Variant", "parse_method", "StudyConfig", "run_particles", "run_study", "ci95", "roughness", "plot", "main"]
 
 VIEW = (15.0, 0.0)          # (elevation°, azimuth°) of every particle: a front view at the orbit's elevation
 _T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -176,7 +176,8 @@ def _png_roughness(path: Path, scale: int = 4) -> float:
     return roughness(pixels.permute(2, 0, 1).unflatten(2, (-1, side)).permute(2, 0, 1, 3))
 
 
-def _ci95(values: Sequence[float]) -> float:
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95 % interval of the mean of ``values`` (Student t; NaN for fewer than 2)."""
     if len(values) < 2:
         return float("nan")
     dof = len(values) - 1
@@ -193,7 +194,7 @@ def summarize(rows: list, baseline: str = "vsd") -> dict:
         entry = {"runs": len(mine), "seconds": statistics.fmean(r["seconds"] for r in mine)}
         for key in ("fidelity", "frechet", "diversity", "roughness"):
             values = [r[key] for r in mine]
-            entry[f"{key}_mean"], entry[f"{key}_ci95"] = statistics.fmean(values), _ci95(values)
+            entry[f"{key}_mean"], entry[f"{key}_ci95"] = statistics.fmean(values), ci95(values)
         final = [r["ratio"][-1][1] for r in mine if r["ratio"]]
         entry["ratio_final_mean"] = statistics.fmean(final) if final else 0.0
         methods[name] = entry
@@ -208,7 +209,7 @@ def summarize(rows: list, baseline: str = "vsd") -> dict:
         entry = {"pairs": len(pairs)}
         for key in ("fidelity", "frechet", "diversity", "roughness"):
             diffs = [a[key] - b[key] for a, b in pairs]
-            entry[f"{key}_diff_mean"], entry[f"{key}_diff_ci95"] = statistics.fmean(diffs), _ci95(diffs)
+            entry[f"{key}_diff_mean"], entry[f"{key}_diff_ci95"] = statistics.fmean(diffs), ci95(diffs)
         paired[name] = entry
     return {"methods": methods, "paired": paired}
 
