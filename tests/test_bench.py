@@ -43,3 +43,21 @@ def test_render_benchmark_runs_field_and_renderer_together(tmp_path):
     # the initial blob leaves most of the box empty: the grid must spare the field most points
     assert variants["occupancy_grid"]["field_points_per_render"] < variants["no_grid"]["field_points_per_render"] / 2
     assert all(v["rays_per_s"] > 0 for v in variants.values())
+
+
+def test_step_benchmark_profiles_each_method(tmp_path):
+    """--profile N: one more step of each method under torch.profiler, its N costliest operators by self time; the
+    shares are of that step's total, so they sum to at most 1."""
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, "-m", "l2vsd_core.bench", "step", "--config", "tiny", "--steps", "1",
+                           "--warmup", "0", "--methods", "vsd,l2vsd:forward_ad", "--profile", "5", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    profile = json.loads(out.read_text())["profile"]
+    assert list(profile) == ["vsd", "l2vsd:forward_ad"]
+    for p in profile.values():
+        ops = p["ops"]
+        assert len(ops) == 5 and p["self_ms_total"] > 0
+        assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+        assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
+    assert "**l2vsd:forward_ad**" in proc.stdout and "| operator | self ms |" in proc.stdout

@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     step.add_argument("--device", default="auto")
     step.add_argument("--dtype", default="auto")
     step.add_argument("--compile", action="store_true", help="torch.compile the UNet's forward")
+    step.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="also profile one more step of each method and show its N costliest operators")
     step.add_argument("--json", help="write the results here")
     render = sub.add_parser("render", help="rays/s of the stage-1 renderer, forward+backward, with and without "
                                            "the occupancy grid")
@@ -78,8 +80,9 @@ def main(argv=None) -> int:
                    else tuple(m.strip() for m in args.methods.split(",") if m.strip()))
         run = lambda: run_step_benchmark(config, methods, steps=args.steps, warmup=args.warmup, device=args.device,
                                          dtype=args.dtype, latent=args.latent, compile=args.compile,
-                                         progress=progress)
-        show = table
+                                         progress=progress, profile=args.profile)
+        from .step import profile_table
+        show = lambda data: table(data) + ("\n\n" + profile_table(data) if data.get("profile") else "")
     try:
         data = run()
     except ValueError as err:

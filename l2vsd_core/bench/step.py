@@ -62,7 +62,9 @@ def parse_method(name: str) -> tuple[str, str]:
 
 def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int = 10, warmup: int = 2,
                        device: str = "auto", dtype: str = "auto", seed: int = 0, latent: Optional[int] = None,
-                       compile: bool = False, progress=None) -> dict:
+                       compile: bool = False, progress=None, profile: int = 0) -> dict:
+    """Median seconds per step of each method (and with ``profile`` > 0, one more step of each under
+    ``torch.profiler``: its ``profile`` operators with the most self time, to show where a method's time goes)."""
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {config!r}")
     if steps < 1 or warmup < 0:
@@ -130,6 +132,8 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
                     peaks[name].append(peak)
         if progress:
             progress(round_ + 1, warmup + steps)
+    profiles = {name: _profile_step(lambda: one_step(name, warmup + steps), profile, cuda)
+                for name in methods if profile and name not in errors}
     results = {name: {"s_per_step": statistics.median(times[name]),
                       "peak_mem_mb": max(peaks[name]) if peaks[name] else None} for name in methods
                if name not in errors}
@@ -147,7 +151,36 @@ def run_step_benchmark(config: str = "tiny", methods=DEFAULT_METHODS, steps: int
         "methods": results,
         "ratio_to_vsd": {name: r["s_per_step"] / base for name, r in results.items()} if base else {},
         "errors": errors,
+        **({"profile": profiles} if profile else {}),
     }
+
+
+def _profile_step(step, top: int, cuda: bool) -> dict:
+    """One ``step()`` under ``torch.profiler``: its total self time and the ``top`` operators by self time (CPU, or
+    CUDA kernels on a GPU), each with its calls and share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return {"self_ms_total": total / 1e3, "time": "CUDA kernels" if cuda else "CPU",
+            "ops": [{"op": e.key, "self_ms": getattr(e, attr) / 1e3, "calls": e.count,
+                     "share": getattr(e, attr) / total} for e in events[:top]]}
+
+
+def profile_table(data: dict) -> str:
+    """The profiled steps as markdown: per method, its top operators by self time."""
+    lines = []
+    for name, p in data.get("profile", {}).items():
+        lines += [f"**{name}**: {p['self_ms_total']:.0f} ms of {p['time']} self time in one step", "",
+                  "| operator | self ms | calls | share |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_ms']:.1f} | {o['calls']} | {o['share']:.1%} |" for o in p["ops"]]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_json(data: dict, path: str) -> None:
