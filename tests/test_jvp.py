@@ -1,4 +1,5 @@
 """J·v with respect to parameters: every exact mode against each other and a float64 finite-difference reference."""
+import contextlib
 import copy
 
 import pytest
@@ -206,3 +207,65 @@ def test_tangent_passes_compute_half_precision_norms_and_attention_in_float32():
         assert rel_err(tangent, ref_tangent) < 0.02, name
     assert plain.dtype == torch.bfloat16 and torch.equal(plain, F.layer_norm(x, (8,)))
     assert (F.scaled_dot_product_attention, F.layer_norm, F.group_norm) == originals
+
+
+
+class FrozenTail(nn.Module):
+    """A trainable input scale, then frozen convolutions (small and large spatial, strided, grouped), an unbatched
+    convolution and a frozen linear: the UNet's shape of a JVP, where the tangent enters early and then flows through
+    layers whose weights carry none."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4, 1, 1))
+        self.small = nn.Conv2d(4, 6, 3, padding=1)                        # 8² input: the batched path
+        self.large = nn.Conv2d(6, 6, 3, padding=1, groups=2, bias=False)  # 40² input: two calls
+        self.down = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+        self.linear = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = F.silu(self.small(x * self.scale))
+        h = self.down(self.large(F.interpolate(h, scale_factor=5)))       # [B, 4, 20, 20]
+        h = h[:, :, :8, :8] + self.small(h[0, :, :8, :8])[None, :4]        # an unbatched [C, H, W] input
+        return self.linear(h.permute(0, 2, 3, 1))
+
+
+def test_frozen_layer_tangents_are_exact():
+    """Frozen layers downstream of the tangent (``frozen_layer_tangents``'s own rule): the same J·v as a float64
+    central difference and as torch's rule; with every weight dual too, torch's rule runs and is exact as well."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    model = FrozenTail().requires_grad_(False)
+    x = torch.randn(2, 4, 8, 8)
+    only_scale = {"scale": model.scale}
+    v = {"scale": torch.randn(4, 1, 1)}
+    _, fast = jvp(score_fn(model, x), only_scale, v, "forward_ad")
+    assert rel_err(fast, float64_reference(model, x, only_scale, v)) < 1e-5
+    with torch.no_grad(), fwAD.dual_level():  # torch's own rule: outside the context
+        out = torch.func.functional_call(model, {"scale": fwAD.make_dual(model.scale, v["scale"])}, (x,))
+        torch_rule = fwAD.unpack_dual(out).tangent
+    assert rel_err(fast, torch_rule) < 1e-5
+    everything = dict(model.named_parameters())
+    all_v = {k: torch.randn_like(p) for k, p in everything.items()}
+    _, full = jvp(score_fn(model, x), everything, all_v, "forward_ad")
+    assert rel_err(full, float64_reference(model, x, everything, all_v)) < 1e-5
+
+
+def test_a_frozen_convolution_costs_one_call_with_its_tangent_not_three():
+    """torch's rule convolves the input tangent and a zero weight tangent besides the primal; ours one batched call
+    (small spatial size) or two (large).  The originals are back after the context."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.profiler import profile
+    from l2vsd_core.jvp import frozen_layer_tangents
+    originals = (F.conv2d, F.linear)
+    w = torch.randn(6, 4, 3, 3)
+
+    def convolutions(size, ours):
+        x = torch.randn(1, 4, size, size)
+        with torch.no_grad(), fwAD.dual_level(), profile() as prof:
+            with (frozen_layer_tangents() if ours else contextlib.nullcontext()):
+                F.conv2d(fwAD.make_dual(x, torch.randn_like(x)), w, torch.randn(6), padding=1)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+    assert (convolutions(8, False), convolutions(8, True), convolutions(40, True)) == (3, 1, 2)
+    assert (F.conv2d, F.linear) == originals
