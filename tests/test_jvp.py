@@ -231,7 +231,7 @@ class FrozenTail(nn.Module):
 
 
 def test_frozen_layer_tangents_are_exact():
-    """Frozen layers downstream of the tangent (``frozen_layer_tangents``'s own rule): the same J·v as a float64
+    """Frozen layers downstream of the tangent (``forward_mode_rules``'s own rule): the same J·v as a float64
     central difference and as torch's rule; with every weight dual too, torch's rule runs and is exact as well."""
     import torch.autograd.forward_ad as fwAD
     torch.manual_seed(0)
@@ -256,16 +256,65 @@ def test_a_frozen_convolution_costs_one_call_with_its_tangent_not_three():
     (small spatial size) or two (large).  The originals are back after the context."""
     import torch.autograd.forward_ad as fwAD
     from torch.profiler import profile
-    from l2vsd_core.jvp import frozen_layer_tangents
-    originals = (F.conv2d, F.linear)
+    from l2vsd_core.jvp import forward_mode_rules
+    originals = (F.conv2d, F.linear, F.scaled_dot_product_attention)
     w = torch.randn(6, 4, 3, 3)
 
     def convolutions(size, ours):
         x = torch.randn(1, 4, size, size)
         with torch.no_grad(), fwAD.dual_level(), profile() as prof:
-            with (frozen_layer_tangents() if ours else contextlib.nullcontext()):
+            with (forward_mode_rules() if ours else contextlib.nullcontext()):
                 F.conv2d(fwAD.make_dual(x, torch.randn_like(x)), w, torch.randn(6), padding=1)
         return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
 
     assert (convolutions(8, False), convolutions(8, True), convolutions(40, True)) == (3, 1, 2)
-    assert (F.conv2d, F.linear) == originals
+    assert (F.conv2d, F.linear, F.scaled_dot_product_attention) == originals
+
+
+@pytest.mark.parametrize("which", ["qkv", "q", "k", "v", "kv"])
+def test_attention_with_tangent_matches_float64_forward_ad_of_the_math_kernel(which):
+    """Block by block (3 query rows per block), cross-attention shapes (10 queries, 7 keys, value width ≠ key width),
+    a given scale, any subset of Q, K, V carrying a tangent: primal and tangent against torch.func.jvp of the math
+    kernel in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from l2vsd_core.jvp import attention_with_tangent
+    g = torch.Generator().manual_seed(len(which))
+    q, k, v = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 5, generator=g)
+    dq, dk, dv = (torch.randn(x.shape, generator=g) if name in which else None for name, x in zip("qkv", (q, k, v)))
+    out, tangent = attention_with_tangent(q, k, v, dq, dk, dv, scale=0.3, block_elements=3 * 2 * 3 * 7)
+    f = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=0.3)
+    zero = lambda d, x: (torch.zeros_like(x) if d is None else d).double()
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref_out, ref_tangent = torch.func.jvp(f, (q.double(), k.double(), v.double()),
+                                              (zero(dq, q), zero(dk, k), zero(dv, v)))
+    assert rel_err(out, ref_out) < 1e-6 and rel_err(tangent, ref_tangent) < 1e-6
+
+
+def test_attention_under_forward_mode_rules_is_exact_and_falls_back_with_a_mask():
+    """Through ``F.scaled_dot_product_attention`` in a ``forward_ad`` jvp: the block-wise rule, and with a mask (which
+    it does not handle) the math kernel; both against a float64 central difference.  bf16 inputs come back bf16."""
+    torch.manual_seed(3)
+    proj = nn.Linear(8, 24)
+    x = torch.randn(2, 12, 8)
+    mask = torch.rand(12, 12) > 0.3
+    mask.fill_diagonal_(True)
+
+    def attend(module, params, inputs, masked):
+        q, k, v = torch.func.functional_call(module, params, (inputs,)).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
+
+    params = dict(proj.named_parameters())
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    proj64 = copy.deepcopy(proj).double()
+    p64 = {k: p.detach().double() for k, p in params.items()}
+    tangents = {}
+    for masked in (False, True):
+        _, tangents[masked] = jvp(lambda p: attend(proj, p, x, masked), params, v, "forward_ad")
+        at = lambda s: attend(proj64, {n: p64[n] + s * v[n].double() for n in p64}, x.double(), masked)  # noqa: E731
+        with torch.no_grad():
+            ref = (at(1e-6) - at(-1e-6)) / 2e-6
+        assert rel_err(tangents[masked], ref) < 1e-5, masked
+    half = {k: p.to(torch.bfloat16) for k, p in params.items()}
+    out, tangent = jvp(lambda p: attend(proj, p, x.to(torch.bfloat16), False), half,
+                       {k: t.to(torch.bfloat16) for k, t in v.items()}, "forward_ad")
+    assert out.dtype == tangent.dtype == torch.bfloat16 and rel_err(tangent, tangents[False]) < 0.03
