@@ -91,7 +91,7 @@ def forward_mode_rules():
 
     - **Frozen convolutions and linear layers.**  Torch's rule for ``conv2d(x, W, b)`` (and ``linear``) computes
       ``conv(ẋ, W) + conv(x, Ẇ)`` even when W carries no tangent (Ẇ is then a zero tensor, still convolved), so a dual
-      call costs three primal ones (profiled on the SD-2.1-base UNet: docs/bench/profile_cpu_sd21_32.md).  Here a call
+      call costs three primal ones (profiled on the SD-2.1-base UNet: docs/bench/profile_cpu_sd21_32_before.md).  Here a call
       whose *input* alone is dual (the frozen UNet weights downstream of the LoRA) computes ``conv(x, W, b)`` and
       ``conv(ẋ, W)`` (no bias: it is constant); calls with a dual weight or bias (the LoRA's own layers) keep torch's
       rule.  Small convolutions run primal and tangent as one batch-2 call: on CPU oneDNN is weight-bound at small
@@ -235,8 +235,8 @@ def _norm(tensors) -> torch.Tensor:
 
 def fastest_exact_mode(device: torch.device | str) -> str:
     """The exact mode that ``"auto"`` picks on this kind of device, from ``python -m l2vsd_core.bench step``
-    (README, "Speed"): forward_ad on CPU (1.83 × vsd vs double_backward 2.37, SD-2.1-base at 64²) and on CUDA
-    (H100, fp16: see the README table)."""
+    (README, "Speed"): forward_ad on CPU (SD-2.1-base at 32², with :func:`forward_mode_rules`: 1.20 × vsd against
+    double_backward's 1.83) and on CUDA (H100, fp16, before those rules: 2.37 against 2.31 at a third of the memory)."""
     return FASTEST_EXACT_MODE.get(torch.device(device).type, "forward_ad")
 
 

@@ -1,5 +1,7 @@
-"""The step benchmark runs end to end and writes the documented JSON (timings themselves are not asserted)."""
+"""The step and render benchmarks and docs/bench/cuda_sd_stages.py run end to end and write the documented JSON
+(timings themselves are not asserted)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +63,36 @@ def test_step_benchmark_profiles_each_method(tmp_path):
         assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
         assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
     assert "**l2vsd:forward_ad**" in proc.stdout and "| operator | self ms |" in proc.stdout
+
+
+def test_cuda_sd_stages_script_runs_three_stages_tiny(tmp_path):
+    """docs/bench/cuda_sd_stages.py --tiny (the issue-15 GPU script's CPU check): a tiny SD-2.1-family prior through
+    stages 1-3 with the step counts asked for, each timed per step; stage 1 in two render sizes; the GLB written."""
+    out = tmp_path / "sd_stages.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "docs/bench/cuda_sd_stages.py", "--tiny", "--device", "cpu", "--steps", "5",
+                           "--milestone", "2", "--geometry-steps", "3", "--texture-steps", "4", "--json", str(out),
+                           "--work", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["error"] is None and data["device"] == "cpu"
+    assert data["options"]["stages"] == 3 and data["options"]["method"] == "l2vsd"
+    stages = data["stages"]
+    assert [(s["stage"], s["name"]) for s in stages] == [(1, "nerf"), (2, "geometry"), (3, "texture")]
+    assert [(s["steps"], s["total"], s["skipped"]) for s in stages] == [(5, 5, 0), (3, 3, 0), (4, 4, 0)]
+    assert {size: p["steps"] for size, p in stages[0]["phases"].items()} == {"8": 2, "16": 3}  # switch at step 2
+    assert list(stages[1]["phases"]) == ["16"] and list(stages[2]["phases"]) == ["16"]
+    for s in stages:
+        step_s = [t for p in s["phases"].values() for t in p["step_s"]]
+        assert len(step_s) == s["steps"] and all(t > 0 for t in step_s)
+        assert s["s_per_step"] > 0 and all(p["s_per_step"] > 0 for p in s["phases"].values())
+        # step_s is rounded to 0.1 ms; the wall time holds the stage's set-up and every step
+        assert abs(s["first_step_s"] - step_s[0]) < 1e-4 and sum(step_s) <= s["wall_s"] + 1e-3
+        assert s["peak_mem_mb"] is None  # CPU: no CUDA peak
+    # the stages' wall times and the export add up to the generate call
+    assert abs(sum(s["wall_s"] for s in stages) + data["after_last_step_s"] - data["generate_s"]) < 1e-6
+    mesh = Path(data["outputs"]["mesh"]["path"])
+    assert mesh.is_file() and mesh.read_bytes()[:4] == b"glTF" and data["outputs"]["mesh"]["bytes"] > 0
+    assert Path(data["outputs"]["turntable"]["path"]).is_file() and data["stage_steps"]["texture"] == 4
+    assert "| **3 texture** | 16 | 4/4 |" in proc.stdout
