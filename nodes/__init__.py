@@ -21,21 +21,24 @@ from .optimize_node import L2VSDOptimize  # noqa: E402
 from .refine_nodes import RefineGeometry, RefineTexture  # noqa: E402
 from .scene_nodes import InitNeRF  # noqa: E402
 
+# Type ids carry the pack's prefix: ComfyUI keeps one node per id across all packs (the last loaded wins), and
+# generic ids such as ExportMesh are registered by other packs too. Saved workflows store the ids: renaming breaks them.
+TYPE_ID_PREFIX = "L2VSD_"
 NODE_CLASS_MAPPINGS = {
-    "LoadPrior": LoadPrior,
-    "AttachLoRAScore": AttachLoRAScore,
-    "InitNeRF": InitNeRF,
-    "L2VSDOptimize": L2VSDOptimize,
-    "RefineGeometry": RefineGeometry,
-    "RefineTexture": RefineTexture,
-    "ExportMesh": ExportMesh,
+    "L2VSD_LoadPrior": LoadPrior,
+    "L2VSD_AttachLoRAScore": AttachLoRAScore,
+    "L2VSD_InitNeRF": InitNeRF,
+    "L2VSD_Optimize": L2VSDOptimize,
+    "L2VSD_RefineGeometry": RefineGeometry,
+    "L2VSD_RefineTexture": RefineTexture,
+    "L2VSD_ExportMesh": ExportMesh,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoadPrior": "L2VSD Load Prior",
-    "AttachLoRAScore": "L2VSD Attach LoRA Score",
-    "InitNeRF": "L2VSD Init NeRF",
-    "L2VSDOptimize": "L2VSD Optimize",
-    "RefineGeometry": "L2VSD Refine Geometry",
-    "RefineTexture": "L2VSD Refine Texture",
-    "ExportMesh": "L2VSD Export Mesh",
+    "L2VSD_LoadPrior": "L2VSD Load Prior",
+    "L2VSD_AttachLoRAScore": "L2VSD Attach LoRA Score",
+    "L2VSD_InitNeRF": "L2VSD Init NeRF",
+    "L2VSD_Optimize": "L2VSD Optimize",
+    "L2VSD_RefineGeometry": "L2VSD Refine Geometry",
+    "L2VSD_RefineTexture": "L2VSD Refine Texture",
+    "L2VSD_ExportMesh": "L2VSD Export Mesh",
 }

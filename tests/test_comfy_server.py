@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 API_WORKFLOW = ROOT / "workflows" / "toy_demo.api.json"
 UI_WORKFLOW = ROOT / "workflows" / "toy_demo.json"
 THREE_STAGE_API = ROOT / "workflows" / "toy_three_stage.api.json"
-NODES = {"LoadPrior": "L2VSD_PRIOR", "AttachLoRAScore": "L2VSD_SCORE", "InitNeRF": "L2VSD_SCENE",
-         "L2VSDOptimize": "L2VSD_SCENE", "RefineGeometry": "L2VSD_MESH", "RefineTexture": "L2VSD_MESH",
-         "ExportMesh": "STRING"}
+NODES = {"L2VSD_LoadPrior": "L2VSD_PRIOR", "L2VSD_AttachLoRAScore": "L2VSD_SCORE", "L2VSD_InitNeRF": "L2VSD_SCENE",
+         "L2VSD_Optimize": "L2VSD_SCENE", "L2VSD_RefineGeometry": "L2VSD_MESH", "L2VSD_RefineTexture": "L2VSD_MESH",
+         "L2VSD_ExportMesh": "STRING"}
 OPTIMIZE, EXPORT = "4", "5"  # node ids in the bundled workflow
 GEOMETRY, TEXTURE, EXPORT3 = "5", "6", "7"  # node ids in the three-stage workflow (1-4 as in the stage-1 one)
 RUN_TIMEOUT_S = 120
@@ -115,33 +115,34 @@ def test_object_info_lists_the_nodes_with_tooltips(comfy_host):
         assert node["display_name"].startswith("L2VSD ")
         for input_name, spec in {**node["input"]["required"], **node["input"].get("optional", {})}.items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
-    assert info["L2VSDOptimize"]["output"] == ["L2VSD_SCENE", "IMAGE", "IMAGE"]
-    assert info["RefineGeometry"]["output"] == info["RefineTexture"]["output"] == ["L2VSD_MESH", "IMAGE", "IMAGE"]
-    assert info["RefineGeometry"]["input"]["required"]["scene"][0] == "L2VSD_SCENE"
-    assert info["RefineTexture"]["input"]["required"]["mesh"][0] == "L2VSD_MESH"
-    assert info["ExportMesh"]["output"] == ["STRING", "IMAGE", "MESH"]
+    assert info["L2VSD_Optimize"]["output"] == ["L2VSD_SCENE", "IMAGE", "IMAGE"]
+    assert info["L2VSD_RefineGeometry"]["output"] == info["L2VSD_RefineTexture"]["output"] == \
+        ["L2VSD_MESH", "IMAGE", "IMAGE"]
+    assert info["L2VSD_RefineGeometry"]["input"]["required"]["scene"][0] == "L2VSD_SCENE"
+    assert info["L2VSD_RefineTexture"]["input"]["required"]["mesh"][0] == "L2VSD_MESH"
+    assert info["L2VSD_ExportMesh"]["output"] == ["STRING", "IMAGE", "MESH"]
     # one socket type each: a stage-1 scene or a refined mesh, both optional (exactly one is checked at run time)
-    export_optional = info["ExportMesh"]["input"]["optional"]
+    export_optional = info["L2VSD_ExportMesh"]["input"]["optional"]
     assert (export_optional["scene"][0], export_optional["mesh"][0]) == ("L2VSD_SCENE", "L2VSD_MESH")
-    assert info["RefineGeometry"]["input"]["required"]["method"][1]["default"] == "sds"
-    assert info["RefineGeometry"]["input"]["required"]["guidance_scale"][1]["default"] == 100.0
-    optimize_inputs = info["L2VSDOptimize"]["input"]["required"]
+    assert info["L2VSD_RefineGeometry"]["input"]["required"]["method"][1]["default"] == "sds"
+    assert info["L2VSD_RefineGeometry"]["input"]["required"]["guidance_scale"][1]["default"] == 100.0
+    optimize_inputs = info["L2VSD_Optimize"]["input"]["required"]
     assert optimize_inputs["resume"][0] == "BOOLEAN" and optimize_inputs["steps"][1]["min"] == 1
     assert (optimize_inputs["steps"][1]["default"], optimize_inputs["resolution"][1]["default"]) == (25000, 64)
     # the inputs added since the first workflows are optional, so that graphs without them still validate
-    optimize_optional = info["L2VSDOptimize"]["input"]["optional"]
+    optimize_optional = info["L2VSD_Optimize"]["input"]["optional"]
     assert optimize_optional["resolution_schedule"][1]["default"] == "512@5000"
     assert optimize_optional["max_step_percent"][1]["default"] == "5000,0.98,0.5,5001"
     assert optimize_optional["sqrt_anneal"][0] == "BOOLEAN" and optimize_optional["lambda_image"][0] == "FLOAT"
-    for name in ("RefineGeometry", "RefineTexture"):
+    for name in ("L2VSD_RefineGeometry", "L2VSD_RefineTexture"):
         assert info[name]["input"]["optional"]["min_step_percent"][1]["default"] == "0.02"
-    assert info["InitNeRF"]["input"]["optional"]["features_per_level"][1]["default"] == 2
-    assert info["ExportMesh"]["input"]["required"]["filename_prefix"][1]["default"] == "3d/l2vsd"
-    assert "bundled toy prior (32x32 world)" in info["LoadPrior"]["input"]["required"]["source"][0]
+    assert info["L2VSD_InitNeRF"]["input"]["optional"]["features_per_level"][1]["default"] == 2
+    assert info["L2VSD_ExportMesh"]["input"]["required"]["filename_prefix"][1]["default"] == "3d/l2vsd"
+    assert "bundled toy prior (32x32 world)" in info["L2VSD_LoadPrior"]["input"]["required"]["source"][0]
     # the choices listed without importing torch match the library's
     from l2vsd_core.distill import METHODS
     from l2vsd_core.jvp import JVP_MODES
-    score_inputs = info["AttachLoRAScore"]["input"]["required"]
+    score_inputs = info["L2VSD_AttachLoRAScore"]["input"]["required"]
     assert score_inputs["method"][0] == list(METHODS)
     assert score_inputs["jvp_mode"][0] == ["auto", *JVP_MODES]
 
@@ -152,7 +153,7 @@ def test_bundled_workflows_use_the_pack_nodes():
     api_types = sorted(node["class_type"] for node in api.values())
     ui_types = sorted(node["type"] for node in ui["nodes"])
     assert api_types == ui_types
-    assert set(NODES) - {"RefineGeometry", "RefineTexture"} <= set(api_types)
+    assert set(NODES) - {"L2VSD_RefineGeometry", "L2VSD_RefineTexture"} <= set(api_types)
     assert "Preview3D" not in api_types  # absent from the 2024 host; see the workflow's note
     three = json.loads(THREE_STAGE_API.read_text())
     assert set(NODES) <= {node["class_type"] for node in three.values()}
@@ -277,9 +278,9 @@ def test_export_mesh_bakes_stage1_colours_onto_a_geometry_only_result(comfy_host
     assert np.unique(np.asarray(texture.convert("RGB")).reshape(-1, 3), axis=0).shape[0] > 1  # a bake, not a fill
 
 
-NEW_INPUTS = {"L2VSDOptimize": ("resolution_schedule", "min_step_percent", "max_step_percent", "sqrt_anneal",
+NEW_INPUTS = {"L2VSD_Optimize": ("resolution_schedule", "min_step_percent", "max_step_percent", "sqrt_anneal",
                                  "lambda_image", "lambda_z_variance", "lambda_sparsity", "lambda_opaque"),
-              "InitNeRF": ("features_per_level",)}
+              "L2VSD_InitNeRF": ("features_per_level",)}
 
 
 def test_a_graph_made_before_the_new_inputs_still_runs_with_their_defaults(comfy_host):
@@ -308,7 +309,7 @@ def test_a_new_input_that_does_not_parse_is_named(comfy_host):
 
 
 def test_export_mesh_with_neither_input_is_named(comfy_host):
-    graph = {"1": {"class_type": "ExportMesh", "inputs": {
+    graph = {"1": {"class_type": "L2VSD_ExportMesh", "inputs": {
         "mesh_resolution": 32, "threshold": "auto", "max_faces": 1000, "texture_size": 64, "format": "glb",
         "filename_prefix": "3d/none", "turntable_views": 1, "turntable_resolution": 16}}}
     result = run(comfy_host, graph)
@@ -351,7 +352,7 @@ def test_node_error_names_the_input_and_the_server_keeps_serving(comfy_host):
     assert errors[0]["node_id"] == EXPORT and errors[0]["exception_type"].endswith("ValueError")
     assert "filename_prefix" in errors[0]["exception_message"] and ".." in errors[0]["exception_message"]
     assert not (comfy_host.output_dir.parent / "x_00001_.glb").exists()
-    assert "ExportMesh" in comfy_host.get("/object_info")
+    assert "L2VSD_ExportMesh" in comfy_host.get("/object_info")
 
 
 def test_interrupt_writes_a_checkpoint_and_resume_continues_from_it(comfy_host):
@@ -413,7 +414,7 @@ def test_every_bundled_workflow_matches_the_installed_nodes(comfy_host, name):
     graph["4"] = dict(graph["4"], inputs=dict(graph["4"]["inputs"], steps=0))  # never run: refused at validation
     # ExportMesh's sockets are optional and the 2024 host validates only required inputs, so it would take the export
     # branch as valid and run it: refuse ExportMesh itself too, so that no output is left to run on any host
-    export = next(nid for nid, node in api.items() if node["class_type"] == "ExportMesh")
+    export = next(nid for nid, node in api.items() if node["class_type"] == "L2VSD_ExportMesh")
     graph[export] = dict(graph[export], inputs=dict(graph[export]["inputs"], turntable_views=0))
     status, body = comfy_host.post("/prompt", {"prompt": graph, "client_id": comfy_host.client_id})
     assert status == 400
@@ -435,7 +436,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_and_the_server_keeps_serving(c
     assert errors and errors[0]["node_id"] == "1", _kinds(result)
     message = errors[0]["exception_message"]
     assert "source" in message and "not_a_model.safetensors" in message and "pick a Stable Diffusion" in message
-    assert "LoadPrior" in comfy_host.get("/object_info")
+    assert "L2VSD_LoadPrior" in comfy_host.get("/object_info")
 
 
 def test_export_mesh_geometry_feeds_core_saveglb(comfy_host):

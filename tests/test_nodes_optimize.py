@@ -204,9 +204,9 @@ def _api(name: str) -> dict:
 def _workflow_config(name: str):
     api = _api(name)
     widgets = lambda inputs: {k: v for k, v in inputs.items() if not isinstance(v, list)}  # noqa: E731
-    score = AttachLoRAScore().attach(prior=_prior(), **widgets(api["AttachLoRAScore"]))[0]
-    scene = Scene(settings=scene_settings(**api["InitNeRF"]), field=None, background=None)
-    optimize = {k: v for k, v in widgets(api["L2VSDOptimize"]).items() if k not in RUN_INPUTS}
+    score = AttachLoRAScore().attach(prior=_prior(), **widgets(api["L2VSD_AttachLoRAScore"]))[0]
+    scene = Scene(settings=scene_settings(**api["L2VSD_InitNeRF"]), field=None, background=None)
+    optimize = {k: v for k, v in widgets(api["L2VSD_Optimize"]).items() if k not in RUN_INPUTS}
     return score, scene, nerf_config(score, scene, **optimize)
 
 
@@ -260,9 +260,9 @@ def test_the_l2hifa_workflow_is_threestudios_hifa_recipe_with_l2vsd():
                                                             max_step_percent=0.98, sqrt_anneal=True)))
     assert to_json(config) == to_json(hifa)
     stage1 = _api("sd21_stage1")
-    assert {k: v for k, v in _api("sd21_l2hifa").items() if k != "L2VSDOptimize"} == {
-        k: (dict(v, filename_prefix="3d/l2vsd_sd21_l2hifa") if k == "ExportMesh" else v)
-        for k, v in stage1.items() if k != "L2VSDOptimize"}
+    assert {k: v for k, v in _api("sd21_l2hifa").items() if k != "L2VSD_Optimize"} == {
+        k: (dict(v, filename_prefix="3d/l2vsd_sd21_l2hifa") if k == "L2VSD_ExportMesh" else v)
+        for k, v in stage1.items() if k != "L2VSD_Optimize"}
 
 
 def test_no_node_module_imports_the_toys():

@@ -43,7 +43,7 @@ def _defaults(node) -> dict:
 
 
 def test_registered_with_display_names_and_tooltips():
-    for name in ("RefineGeometry", "RefineTexture"):
+    for name in ("L2VSD_RefineGeometry", "L2VSD_RefineTexture"):
         assert NODE_CLASS_MAPPINGS[name].RETURN_TYPES == (MESH_TYPE, "IMAGE", "IMAGE")
         assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("L2VSD Refine ")
     for name, node in NODE_CLASS_MAPPINGS.items():
@@ -112,15 +112,18 @@ def test_refine_timestep_inputs_are_checked_and_named(changes, message):
 def test_sd21_three_stage_has_prolificdreamers_settings():
     api = json.loads((ROOT / "workflows" / "sd21_three_stage.api.json").read_text())
     by_class = {node["class_type"]: node["inputs"] for node in api.values()}
-    geometry, texture, score = by_class["RefineGeometry"], by_class["RefineTexture"], by_class["AttachLoRAScore"]
+    geometry, texture, score = (by_class["L2VSD_RefineGeometry"], by_class["L2VSD_RefineTexture"],
+                                by_class["L2VSD_AttachLoRAScore"])
     assert (geometry["resolution"], geometry["steps"], geometry["method"], geometry["guidance_scale"]) == \
         (512, 15000, "sds", 100.0)
     assert (texture["resolution"], texture["steps"], texture["guidance_scale"]) == (512, 30000, -1.0)
     assert texture["method"] == FROM_SCORE and score["method"] in ("vsd", "l2vsd") and score["guidance_scale"] == 7.5
-    assert by_class["ExportMesh"]["mesh"] == [next(k for k, n in api.items() if n["class_type"] == "RefineTexture"), 0]
+    texture_id = next(k for k, n in api.items() if n["class_type"] == "L2VSD_RefineTexture")
+    assert by_class["L2VSD_ExportMesh"]["mesh"] == [texture_id, 0]
     toy = json.loads((ROOT / "workflows" / "toy_three_stage.api.json").read_text())
     assert {n["class_type"] for n in toy.values()} == {n["class_type"] for n in api.values()}
-    assert next(n for n in toy.values() if n["class_type"] == "LoadPrior")["inputs"]["source"].startswith("bundled")
+    toy_prior = next(n for n in toy.values() if n["class_type"] == "L2VSD_LoadPrior")
+    assert toy_prior["inputs"]["source"].startswith("bundled")
 
 
 @pytest.mark.parametrize("inputs, message", [
@@ -210,5 +213,5 @@ def test_init_nerf_background_choice():
     with pytest.raises(Exception, match="background"):
         InitNeRF().init(**small, background="plaid")
     for path in sorted((ROOT / "workflows").glob("*.api.json")):
-        inits = [n for n in json.loads(path.read_text()).values() if n["class_type"] == "InitNeRF"]
+        inits = [n for n in json.loads(path.read_text()).values() if n["class_type"] == "L2VSD_InitNeRF"]
         assert [n["inputs"]["background"] for n in inits] == ["white" if path.name.startswith("toy") else "learned"]

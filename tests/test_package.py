@@ -133,3 +133,85 @@ def test_pyproject_registry_fields_and_no_torch_pin():
     torch_deps = [d for d in all_deps if _requirement_name(d) in TORCH_FAMILY]
     # Only a bare `torch` is allowed: no version, no upper bound, no URL.
     assert [d.strip() for d in torch_deps] == ["torch"]
+
+
+def test_registry_icon_is_a_square_image_in_this_repository():
+    """[tool.comfy] names a publisher, a display name and an icon: the raw URL, on the main branch, of a file of this
+    repository (so that the registry shows what the repo holds), a square PNG of at most 400 px (the registry's
+    limit)."""
+    from PIL import Image
+
+    data = _pyproject()
+    comfy = data["tool"]["comfy"]
+    assert comfy["PublisherId"].strip() and comfy["DisplayName"].strip()
+    repository = re.fullmatch(r"https://github\.com/([^/]+)/([^/]+?)/?", data["project"]["urls"]["Repository"])
+    assert repository, data["project"]["urls"]["Repository"]
+    owner, name = repository.groups()
+    prefix = f"https://raw.githubusercontent.com/{owner}/{name}/main/"
+    assert comfy["Icon"].startswith(prefix), comfy["Icon"]
+    icon = ROOT / comfy["Icon"][len(prefix):]
+    assert icon.is_file(), f"{comfy['Icon']} is no file of this repository"
+    with Image.open(icon) as image:
+        assert image.format == "PNG"
+        assert image.width == image.height <= 400
+
+
+def _registry():
+    """The pack's own mappings (nodes/, imported as ComfyUI does, under the repo's folder name)."""
+    name = "L2VSD_registry_check"
+    try:
+        pack = _load_pack(ROOT, name)
+        return dict(pack.NODE_CLASS_MAPPINGS), dict(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    finally:
+        for module in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
+            del sys.modules[module]
+
+
+# Display names are what users see and search for: the prefixed type ids must not change them.
+DISPLAY_NAMES = {
+    "L2VSD_LoadPrior": "L2VSD Load Prior",
+    "L2VSD_AttachLoRAScore": "L2VSD Attach LoRA Score",
+    "L2VSD_InitNeRF": "L2VSD Init NeRF",
+    "L2VSD_Optimize": "L2VSD Optimize",
+    "L2VSD_RefineGeometry": "L2VSD Refine Geometry",
+    "L2VSD_RefineTexture": "L2VSD Refine Texture",
+    "L2VSD_ExportMesh": "L2VSD Export Mesh",
+}
+# The type ids before the prefix (issue 16): generic names that other packs register too (the last one loaded wins).
+OLD_TYPE_IDS = {"LoadPrior", "AttachLoRAScore", "InitNeRF", "L2VSDOptimize", "RefineGeometry", "RefineTexture",
+                "ExportMesh"}
+
+
+def test_every_type_id_carries_the_pack_prefix_and_keeps_its_display_name():
+    classes, display = _registry()
+    assert all(type_id.startswith("L2VSD_") for type_id in classes), sorted(classes)
+    assert display == DISPLAY_NAMES
+    assert set(classes) == set(DISPLAY_NAMES)
+    assert not set(classes) & OLD_TYPE_IDS
+
+
+def _workflow_types(path: Path) -> list:
+    """The node types of a bundled workflow: a UI graph's nodes' ``type``, an API graph's ``class_type``."""
+    graph = json.loads(path.read_text())
+    if path.name.endswith(".api.json"):
+        return [node["class_type"] for node in graph.values()]
+    types = [node["type"] for node in graph["nodes"]]
+    # ComfyUI stores the type id a second time, for search and replace
+    types += [node["properties"]["Node name for S&R"] for node in graph["nodes"]
+              if "Node name for S&R" in node.get("properties", {})]
+    return types
+
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+CORE_NODES = {"PreviewImage"}  # the core nodes the bundled workflows use
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_bundled_workflows_name_only_registered_type_ids(path):
+    classes, _ = _registry()
+    types = _workflow_types(path)
+    ours = [t for t in types if t.startswith("L2VSD") or t in OLD_TYPE_IDS]
+    assert ours, f"{path.name} has none of this pack's nodes"
+    assert set(ours) <= set(classes), f"{path.name}: not registered: {sorted(set(ours) - set(classes))}"
+    # every other node is one of ComfyUI's core nodes: a misspelt or unprefixed id of ours fails here
+    assert set(types) - set(ours) <= CORE_NODES, sorted(set(types) - set(ours))

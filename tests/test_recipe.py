@@ -194,62 +194,63 @@ def test_sd_workflow_is_the_recipe(name):
     widths, milestones = _recipe("nerf.widths"), _recipe("nerf.resolution_milestones")
     guidance = _recipe("nerf.distill.guidance_scale")
 
-    optimize = _one(workflow, "L2VSDOptimize", name)
-    _check_input(optimize, "steps", _recipe("nerf.steps"), name, "L2VSDOptimize")
-    _check_input(optimize, "resolution", widths[0], name, "L2VSDOptimize")
+    optimize = _one(workflow, "L2VSD_Optimize", name)
+    _check_input(optimize, "steps", _recipe("nerf.steps"), name, "L2VSD_Optimize")
+    _check_input(optimize, "resolution", widths[0], name, "L2VSD_Optimize")
     schedule = ",".join(f"{w}@{m}" for w, m in zip(widths[1:], milestones))
-    _check_input(optimize, "resolution_schedule", schedule, name, "L2VSDOptimize")
-    assert "guidance_scale" in optimize, f"{name}: L2VSDOptimize has no guidance_scale"
+    _check_input(optimize, "resolution_schedule", schedule, name, "L2VSD_Optimize")
+    assert "guidance_scale" in optimize, f"{name}: L2VSD_Optimize has no guidance_scale"
     assert _same(optimize["guidance_scale"], -1) or _same(optimize["guidance_scale"], guidance), \
-        f"{name}: L2VSDOptimize.guidance_scale is {optimize['guidance_scale']!r}; expected -1 (the score's) or {guidance}"
+        f"{name}: L2VSD_Optimize.guidance_scale is {optimize['guidance_scale']!r}; expected -1 (the score's) or {guidance}"
     if hifa:
         rows = {_ticks(r["L2VSD Optimize input"])[0]: _value(r["prolificdreamer-hifa.yaml"].split(",")[-1].strip())
                 for r in _table(HIFA_HEADER)}
         for key, value in rows.items():
-            _check_input(optimize, key, value, name, "L2VSDOptimize")
+            _check_input(optimize, key, value, name, "L2VSD_Optimize")
     else:
         _check_input(optimize, "min_step_percent", _recipe("nerf.distill.timesteps.min_step_percent"), name,
-                     "L2VSDOptimize")
+                     "L2VSD_Optimize")
         _check_input(optimize, "max_step_percent", _recipe("nerf.distill.timesteps.max_step_percent"), name,
-                     "L2VSDOptimize")
+                     "L2VSD_Optimize")
         for key, path in (("sqrt_anneal", "nerf.distill.timesteps.sqrt_anneal"), ("lambda_image", "nerf.lambda_image"),
                           ("lambda_z_variance", "nerf.lambda_z_variance")):
             if key in optimize:
-                _check_input(optimize, key, _recipe(path), name, "L2VSDOptimize")
+                _check_input(optimize, key, _recipe(path), name, "L2VSD_Optimize")
     for key, path in (("lambda_sparsity", "nerf.lambda_sparsity"), ("lambda_opaque", "nerf.lambda_opaque")):
         if key in optimize:
-            _check_input(optimize, key, _recipe(path), name, "L2VSDOptimize")
+            _check_input(optimize, key, _recipe(path), name, "L2VSD_Optimize")
     for key, path in (("lr_encoding", "nerf.lr_encoding"), ("lr_network", "nerf.lr_network"),
                       ("lr_background", "nerf.lr_background")):
-        _check_input(optimize, key, _recipe(path), name, "L2VSDOptimize")
+        _check_input(optimize, key, _recipe(path), name, "L2VSD_Optimize")
 
-    score = _one(workflow, "AttachLoRAScore", name)
-    _check_input(score, "learning_rate", _recipe("lora.lr"), name, "AttachLoRAScore")
-    _check_input(score, "rank", _recipe("lora.rank"), name, "AttachLoRAScore")
-    _check_input(score, "camera_dropout", _recipe("lora.camera_dropout"), name, "AttachLoRAScore")
-    _check_input(score, "guidance_scale", guidance, name, "AttachLoRAScore")
+    score = _one(workflow, "L2VSD_AttachLoRAScore", name)
+    _check_input(score, "learning_rate", _recipe("lora.lr"), name, "L2VSD_AttachLoRAScore")
+    _check_input(score, "rank", _recipe("lora.rank"), name, "L2VSD_AttachLoRAScore")
+    _check_input(score, "camera_dropout", _recipe("lora.camera_dropout"), name, "L2VSD_AttachLoRAScore")
+    _check_input(score, "guidance_scale", guidance, name, "L2VSD_AttachLoRAScore")
 
-    scene = _one(workflow, "InitNeRF", name)
+    scene = _one(workflow, "L2VSD_InitNeRF", name)
     for key, path in (("levels", "scene.levels"), ("log2_hashmap_size", "scene.log2_hashmap_size"),
                       ("base_resolution", "scene.base_resolution"), ("max_resolution", "scene.max_resolution"),
                       ("mlp_neurons", "scene.mlp_neurons"), ("samples_per_ray", "nerf.num_samples_per_ray"),
                       ("grid_resolution", "nerf.grid_resolution"), ("radius", "nerf.radius")):
-        _check_input(scene, key, _recipe(path), name, "InitNeRF")
+        _check_input(scene, key, _recipe(path), name, "L2VSD_InitNeRF")
 
-    for geometry in _nodes(workflow, "RefineGeometry"):
-        _check_input(geometry, "steps", _recipe("geometry.steps"), name, "RefineGeometry")
-        _check_input(geometry, "resolution", _recipe("geometry.resolution"), name, "RefineGeometry")
-        _check_input(geometry, "guidance_scale", _recipe("geometry.distill.guidance_scale"), name, "RefineGeometry")
-        _check_input(geometry, "method", _recipe("geometry.distill.method"), name, "RefineGeometry")
-        _check_input(geometry, "dmtet_resolution", _recipe("geometry.dmtet_resolution"), name, "RefineGeometry")
-        _check_input(geometry, "learning_rate", _recipe("geometry.lr"), name, "RefineGeometry")
+    for geometry in _nodes(workflow, "L2VSD_RefineGeometry"):
+        _check_input(geometry, "steps", _recipe("geometry.steps"), name, "L2VSD_RefineGeometry")
+        _check_input(geometry, "resolution", _recipe("geometry.resolution"), name, "L2VSD_RefineGeometry")
+        _check_input(geometry, "guidance_scale", _recipe("geometry.distill.guidance_scale"), name,
+                     "L2VSD_RefineGeometry")
+        _check_input(geometry, "method", _recipe("geometry.distill.method"), name, "L2VSD_RefineGeometry")
+        _check_input(geometry, "dmtet_resolution", _recipe("geometry.dmtet_resolution"), name, "L2VSD_RefineGeometry")
+        _check_input(geometry, "learning_rate", _recipe("geometry.lr"), name, "L2VSD_RefineGeometry")
         for key in ("lambda_normal_consistency", "lambda_laplacian_smoothness"):
-            _check_input(geometry, key, _recipe(f"geometry.{key}"), name, "RefineGeometry")
-    for texture in _nodes(workflow, "RefineTexture"):
-        _check_input(texture, "steps", _recipe("texture.steps"), name, "RefineTexture")
-        _check_input(texture, "resolution", _recipe("texture.resolution"), name, "RefineTexture")
+            _check_input(geometry, key, _recipe(f"geometry.{key}"), name, "L2VSD_RefineGeometry")
+    for texture in _nodes(workflow, "L2VSD_RefineTexture"):
+        _check_input(texture, "steps", _recipe("texture.steps"), name, "L2VSD_RefineTexture")
+        _check_input(texture, "resolution", _recipe("texture.resolution"), name, "L2VSD_RefineTexture")
         for key in ("lr_encoding", "lr_network", "lr_background"):
-            _check_input(texture, key, _recipe(f"texture.{key}"), name, "RefineTexture")
+            _check_input(texture, key, _recipe(f"texture.{key}"), name, "L2VSD_RefineTexture")
     if name == "sd21_three_stage":
-        assert _nodes(workflow, "RefineGeometry") and _nodes(workflow, "RefineTexture"), \
-            f"{name}: expected a RefineGeometry and a RefineTexture node"
+        assert _nodes(workflow, "L2VSD_RefineGeometry") and _nodes(workflow, "L2VSD_RefineTexture"), \
+            f"{name}: expected an L2VSD_RefineGeometry and an L2VSD_RefineTexture node"
