@@ -13,8 +13,16 @@ Pipeline (threestudio's ``--export`` path, re-implemented on CPU-friendly librar
    and dilates the colours into empty texels ``padding`` times so bilinear filtering / mip-mapping does not bleed
    the background across UV seams.
 3. :func:`save_mesh` writes GLB, OBJ (+MTL+PNG) or PLY atomically (temporary name in the same folder, then
-   ``os.replace``), so an interrupted export never leaves a half-written file behind.
+   ``os.replace``), so an interrupted export never leaves a half-written file behind.  GLB and OBJ are written in
+   their usual axes, y up with the object's front facing +z (:data:`WORLD_TO_Y_UP`); PLY keeps the world's z up.
 4. :func:`turntable_gif` renders an orbit with the volume renderer and writes an animated GIF, also atomically.
+
+Axes: everything here but the files works in world coordinates (:mod:`l2vsd_core.scene.cameras`: right-handed, z
+up, the object's front facing +x, the side the azimuth-0 "front view" camera sees).  glTF 2.0 is right-handed with
++y up and an asset's front facing +z, the convention OBJ files share (Blender's OBJ defaults: up +y, forward −z), so
+:func:`save_mesh` turns GLB and OBJ vertices (and any normals written) by the proper rotation :data:`WORLD_TO_Y_UP`,
+world (x, y, z) → file (y, z, x), when writing, and :func:`y_up_to_world` turns what is read back into the world
+again.  The rotation has determinant +1: no mirror, so the faces' winding and the outward normals stay as they were.
 
 Optional dependencies (not needed by the rest of ``l2vsd_core``): ``trimesh`` (+ Pillow), ``xatlas`` for
 :func:`bake_texture`, and ``PyMCubes`` or ``scikit-image`` for :func:`extract_mesh`.
@@ -35,10 +43,18 @@ import torch
 from .files import atomic_write_bytes
 
 __all__ = ["save_textured_mesh", "extract_mesh", "remove_floaters", "bake_texture", "save_mesh", "turntable_gif", "orbit_views", "auto_threshold",
-           "AUTO_THRESHOLD_EPS", "FLOATER_FRACTION"]
+           "AUTO_THRESHOLD_EPS", "FLOATER_FRACTION", "WORLD_TO_Y_UP", "world_to_y_up", "y_up_to_world"]
 
 AUTO_THRESHOLD_EPS = 1.0e-5  # threestudio: threshold = field[field > eps].mean() for "auto"
 FLOATER_FRACTION = 0.01      # threestudio remove_outlier: drop components with < 1 % of the largest's faces
+
+#: World axes (z up, front +x) → GLB/OBJ axes (y up, front +z): ``file = WORLD_TO_Y_UP @ world``, i.e.
+#: (x, y, z) ↦ (y, z, x).  A cyclic permutation of the axes, so a proper rotation (det +1, no mirror): world up +z
+#: goes to +y, the front +x to +z, and the front view's right-hand side (+y) to +x, where a glTF viewer's front
+#: view (camera on +z looking along −z, +y up) shows it.
+WORLD_TO_Y_UP = np.array([[0.0, 1.0, 0.0],
+                          [0.0, 0.0, 1.0],
+                          [1.0, 0.0, 0.0]])
 
 PathLike = Union[str, os.PathLike]
 
@@ -95,6 +111,27 @@ def auto_threshold(density: Union[np.ndarray, torch.Tensor], eps: float = AUTO_T
         raise ValueError("no surface: the density is <= 1e-05 everywhere on the grid, so the 'auto' threshold is "
                          "undefined (the field is empty; train longer or check the field)")
     return float(pos.mean())
+
+
+def world_to_y_up(points) -> np.ndarray:
+    """[..., 3] world points or directions in the GLB/OBJ axes (:data:`WORLD_TO_Y_UP`), float64."""
+    return np.asarray(points, dtype=np.float64) @ WORLD_TO_Y_UP.T
+
+
+def y_up_to_world(points) -> np.ndarray:
+    """The inverse of :func:`world_to_y_up`: [..., 3] points or directions read from a GLB/OBJ this module wrote,
+    back in world axes (z up, front +x), float64."""
+    return np.asarray(points, dtype=np.float64) @ WORLD_TO_Y_UP
+
+
+def _in_y_up(mesh):
+    """A copy of the world-axes ``mesh`` turned into the GLB/OBJ axes: vertices and any cached (hence written)
+    normals rotated by :data:`WORLD_TO_Y_UP`; faces, UVs, material, colours and metadata unchanged."""
+    turned = mesh.copy(include_cache=True)  # the cache: normals trimesh would write get rotated, not dropped
+    transform = np.eye(4)
+    transform[:3, :3] = WORLD_TO_Y_UP
+    turned.apply_transform(transform)  # a proper rotation: trimesh keeps the faces' order (no winding flip)
+    return turned
 
 
 def _check_parent(path: Path) -> None:
@@ -419,7 +456,7 @@ def _sample_texture(image, uv: np.ndarray) -> np.ndarray:
 
 
 def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) -> Path:
-    """Write ``mesh`` to ``path`` atomically; returns the path of the main file.
+    """Write ``mesh`` (in world axes) to ``path`` atomically; returns the path of the main file.
 
     ``format``: ``"glb"`` (binary glTF with the baked texture), ``"obj"`` (``path`` plus ``<stem>.mtl`` and the
     texture ``<stem>.png`` next to it, via trimesh) or ``"ply"`` (binary PLY with per-vertex colours sampled from the texture,
@@ -427,6 +464,12 @@ def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) ->
     suffix of ``path`` (default ``"glb"``).  Every file goes to a temporary name in the same folder first and is
     then ``os.replace``-d into place, so an interrupted export leaves no partial file.  Missing folders are
     created; a path with a *file* as parent raises ``ValueError`` and writes nothing.
+
+    Axes: GLB and OBJ are written y up with the object's front facing +z (glTF 2.0's convention, and OBJ's usual
+    one), by the proper rotation :data:`WORLD_TO_Y_UP` of the world's z-up, front-+x vertices (normals, if written,
+    rotated alike); :func:`y_up_to_world` undoes it on what is read back.  PLY keeps the world axes unchanged (z up,
+    front +x), the usual convention of scanning and point-cloud tools (and Blender's PLY import default).
+    ``mesh`` itself is not changed.
     """
     trimesh = _require_trimesh()
     path = Path(path)
@@ -439,25 +482,25 @@ def save_mesh(mesh, path: PathLike, format: Optional[str] = None, field=None) ->
     _check_parent(path)
 
     if format == "glb":
-        data = trimesh.Scene(mesh).export(file_type="glb")
+        data = trimesh.Scene(_in_y_up(mesh)).export(file_type="glb")
         atomic_write_bytes(path, data)
     elif format == "obj":
         from trimesh.exchange.obj import export_obj
         mtl_name = f"{path.stem}.mtl"
+        turned = _in_y_up(mesh)
         if _texture_image(mesh) is not None:
             # name the material (hence the texture file) after the OBJ, so two exports in one folder don't clash
-            named = mesh.copy()
-            named.visual.material = copy.copy(named.visual.material)
-            named.visual.material.name = path.stem
-            text, files = export_obj(named, include_texture=True, return_texture=True, mtl_name=mtl_name)
+            turned.visual.material = copy.copy(turned.visual.material)
+            turned.visual.material.name = path.stem
+            text, files = export_obj(turned, include_texture=True, return_texture=True, mtl_name=mtl_name)
         else:
-            text, files = export_obj(mesh, include_texture=False, return_texture=True, mtl_name=mtl_name)
+            text, files = export_obj(turned, include_texture=False, return_texture=True, mtl_name=mtl_name)
         # side files (MTL, PNG) first, the OBJ last: once the OBJ exists its references are complete
         for name, blob in (files or {}).items():
             name = os.path.basename(name)
             atomic_write_bytes(path.parent / name, blob if isinstance(blob, bytes) else str(blob).encode())
         atomic_write_bytes(path, text.encode("utf-8"))
-    else:  # ply
+    else:  # ply: world axes (z up), see the docstring
         colors = None
         image = _texture_image(mesh)
         if image is not None:
@@ -532,8 +575,8 @@ def save_textured_mesh(mesh, color_field, path: PathLike, texture_size: int = 10
                        max_faces: Optional[int] = None):
     """Bake ``color_field`` (anything :func:`l2vsd_core.export.bake_texture` queries: a field returning
     ``{"rgb"}`` or a function returning colours) onto ``mesh`` and write it (GLB by the suffix, via
-    :func:`~l2vsd_core.export.save_mesh`); decimated to ``max_faces`` first when given.  Returns
-    ``(trimesh.Trimesh, path)``."""
+    :func:`~l2vsd_core.export.save_mesh`, which turns GLB/OBJ to y up); decimated to ``max_faces`` first when
+    given.  Returns ``(trimesh.Trimesh in world axes, path)``."""
     if mesh.faces.shape[0] == 0:
         raise ValueError("cannot export an empty mesh (no faces)")
     surface = mesh.to_trimesh()

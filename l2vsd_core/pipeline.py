@@ -76,8 +76,9 @@ def refine_texture(prior, prompts, mesh, scene: SceneConfig, background: Backgro
 
 
 def export_nerf(field, export: ExportConfig, path, format: Optional[str] = None, log=lambda m: None):
-    """The stage-1 field's iso-surface, decimated, UV-unwrapped, baked and written; → the ``trimesh.Trimesh``.
-    ``ValueError`` ("no surface") when the density never reaches the threshold."""
+    """The stage-1 field's iso-surface, decimated, UV-unwrapped, baked and written (GLB/OBJ y up, PLY z up:
+    :func:`l2vsd_core.export.save_mesh`); → the ``trimesh.Trimesh``, in world axes (z up).  ``ValueError`` ("no
+    surface") when the density never reaches the threshold."""
     import time
 
     from .export import bake_texture, decimate, extract_mesh, save_mesh
@@ -96,7 +97,8 @@ def export_nerf(field, export: ExportConfig, path, format: Optional[str] = None,
 
 def export_refined(mesh, color, export: ExportConfig, path, log=lambda m: None):
     """A refined mesh coloured by ``color`` (the stage-1 field after stage 2, the texture field after stage 3),
-    decimated, UV-unwrapped, baked and written (format by the suffix); → the ``trimesh.Trimesh``."""
+    decimated, UV-unwrapped, baked and written (format by the suffix; GLB/OBJ y up); → the ``trimesh.Trimesh``, in
+    world axes (z up)."""
     import time
 
     from .export import save_textured_mesh

@@ -1,7 +1,9 @@
 """ExportMesh: a stage-1 scene (iso-surface → decimation) or a refined mesh (decimation) → UV atlas and baked texture
 → GLB/OBJ/PLY in ComfyUI's output folder, plus a turntable: the node's inputs as an ``ExportConfig`` and one call of
 ``l2vsd_core.pipeline.export_nerf`` / ``export_refined`` and ``write_turntable``. The returned path is relative to the
-output folder: what ComfyUI's core Preview3D node takes."""
+output folder: what ComfyUI's core Preview3D node takes. GLB and OBJ files, and the core ``MESH`` output (which SaveGLB
+writes as it is), are y up with the object's front facing +z, glTF's convention (``l2vsd_core.export.WORLD_TO_Y_UP``
+turns the z-up world); PLY files keep the world's z up."""
 from __future__ import annotations
 
 import math
@@ -68,7 +70,8 @@ class ExportMesh:
                                      "tooltip": "Width = height of the baked texture in pixels."}),
             "format": (list(FORMATS), {"default": "glb",
                                        "tooltip": "glb (one file, textured; Preview3D shows it), obj (+ .mtl and "
-                                                  ".png) or ply (vertex colours)."}),
+                                                  ".png) or ply (vertex colours). glb and obj are y up (glTF's "
+                                                  "convention), ply z up."}),
             "filename_prefix": ("STRING", {"default": "3d/l2vsd",
                                            "tooltip": "File name under ComfyUI's output folder; a counter is "
                                                       "appended. Subfolders allowed, '..' and absolute paths not."}),
@@ -136,15 +139,18 @@ class ExportMesh:
 
 class CoreMesh:
     """ComfyUI's ``MESH`` socket value (newer hosts' ``SaveGLB`` reads ``.vertices`` [B, N, 3] and ``.faces``
-    [B, M, 3]): the exported geometry, without the texture — the textured file is ``model_file``."""
+    [B, M, 3]): the exported geometry, without the texture — the textured file is ``model_file``.  In the GLB file's
+    axes (y up, front +z), since SaveGLB writes the vertices into a glTF unchanged."""
 
     def __init__(self, vertices, faces):
         self.vertices, self.faces = vertices, faces
 
     @classmethod
     def of(cls, mesh) -> "CoreMesh":
+        """The core mesh of a world-axes ``trimesh.Trimesh`` (what the pipeline's export returns), turned y up."""
         import torch
-        return cls(torch.as_tensor(mesh.vertices, dtype=torch.float32)[None],
+        from l2vsd_core.export import world_to_y_up
+        return cls(torch.as_tensor(world_to_y_up(mesh.vertices), dtype=torch.float32)[None],
                    torch.as_tensor(mesh.faces, dtype=torch.int64)[None])
 
 

@@ -122,9 +122,10 @@ def _sample_at_vertices(mesh):
     return ex._sample_texture(img, np.asarray(mesh.visual.uv))
 
 
-def _check_colours(mesh):
+def _check_colours(mesh, y_up=False):
+    """Red on the world's +x side, blue on −x; ``y_up``: ``mesh`` was read from a GLB/OBJ (turned back first)."""
     cols = _sample_at_vertices(mesh)
-    x = np.asarray(mesh.vertices)[:, 0]
+    x = (ex.y_up_to_world(mesh.vertices) if y_up else np.asarray(mesh.vertices))[:, 0]
     right, left = cols[x > 0.1], cols[x < -0.1]
     assert len(right) > 50 and len(left) > 50
     assert np.all(right[:, 0] > 0.6) and np.all(right[:, 2] < 0.4)
@@ -143,7 +144,7 @@ def test_bake_and_glb_round_trip(baked, tmp_path):
     assert loaded.visual.uv is not None and len(loaded.visual.uv) == len(loaded.vertices)
     img = loaded.visual.material.baseColorTexture
     assert img is not None and img.size == (256, 256)
-    _check_colours(loaded)
+    _check_colours(loaded, y_up=True)
 
 
 @needs_mc
@@ -264,3 +265,169 @@ def test_decimate_caps_the_faces_and_keeps_the_shape():
     assert np.abs(radii - 0.5).max() < 0.01  # vertices stay on the sphere
     with pytest.raises(ValueError, match="max_faces"):
         ex.decimate(sphere, 0)
+
+
+# ----------------------------------------------------------------------------------------------- axes of the files
+class ConeField(torch.nn.Module):
+    """An asymmetric analytic field in world axes (z up, the front facing +x): a cone along +z (base disc of radius
+    0.4 at z = −0.5, tip at z = +0.6), a ball of radius 0.2 bulging out of its front (+x, what the azimuth-0 "front
+    view" camera sees) low down, and a ball of radius 0.15 out of its right-hand side as the front view shows it
+    (+y) at mid height.  Density 100 inside the union, ramping to 0 over 0.05 across its surface (level 50).
+    Colour: red on the front half (x > 0), blue behind."""
+
+    FRONT = ((0.35, 0.0, -0.3), 0.2)
+    RIGHT = ((0.0, 0.25, 0.0), 0.15)
+
+    def __init__(self):
+        super().__init__()
+        self.radius = 1.0
+
+    def density(self, x):
+        r, z = x[:, :2].norm(dim=-1), x[:, 2]
+        d = torch.maximum(torch.maximum(r - 0.4 * (0.6 - z) / 1.1, -0.5 - z), z - 0.6)
+        for centre, radius in (self.FRONT, self.RIGHT):
+            d = torch.minimum(d, (x - torch.tensor(centre, dtype=x.dtype)).norm(dim=-1) - radius)
+        return 100.0 * (0.5 - d / 0.05).clamp(0.0, 1.0)
+
+    def forward(self, x, dirs=None):
+        rgb = torch.where((x[:, :1] > 0), RED.to(x.dtype), BLUE.to(x.dtype))
+        return {"density": self.density(x), "rgb": rgb}
+
+
+CONE_EXPORT = dict(mesh_resolution=64, threshold=50.0, texture_size=64)
+
+
+def _check_cone_y_up(vertices, normals=None):
+    """``vertices`` [V, 3] (and their ``normals``) of ConeField's surface in a GLB/OBJ's axes: y up, front +z."""
+    v = np.asarray(vertices, dtype=np.float64)
+    x, y, z = v.T
+    tip = v[np.argmax(y)]
+    assert tip[1] > 0.5 and math.hypot(tip[0], tip[2]) < 0.08, tip  # the tip is the highest point, on the axis
+    assert -0.55 < y.min() < -0.45 and abs(x).max() < 0.45  # the base disc below, at y = −0.5
+    front = v[np.argmax(z)]
+    assert front[2] > 0.5 and abs(front[1] + 0.3) < 0.08 and abs(front[0]) < 0.08, front  # the front bump: +z
+    assert z.min() > -0.45  # nothing sticks out behind
+    band = np.abs(y) < 0.05  # at mid height: the right-hand bump (world +y) is on +x, not mirrored to −x
+    assert x[band].max() > 0.35 and x[band].min() > -0.3, (x[band].min(), x[band].max())
+    if normals is not None:  # normals turned with the vertices: outwards at the tip (up) and the front bump (+z)
+        n = np.asarray(normals, dtype=np.float64)
+        assert n[np.argmax(y)][1] > 0.5 and n[np.argmax(z)][2] > 0.9, (n[np.argmax(y)], n[np.argmax(z)])
+
+
+def _check_proper(vertices, faces, world):
+    """The rotation is proper: the file's surface, its UV-seam vertices merged, is closed, consistently wound and
+    encloses the same positive volume as the world mesh (a mirror would flip the sign or the winding)."""
+    merged = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), faces, process=True)
+    assert merged.is_watertight and merged.is_winding_consistent
+    assert world.volume > 0 and merged.volume == pytest.approx(world.volume, rel=1e-4)
+
+
+def _gltf_json(path):
+    import json
+    import struct
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 12)  # the first chunk, after the 12-byte header and its 8-byte head
+    return json.loads(data[20:20 + length])
+
+
+@pytest.fixture(scope="module")
+def cone_exports(tmp_path_factory):
+    """ConeField exported through the pipeline (iso-surface → bake → save_mesh) to GLB, OBJ and PLY: {format:
+    (path, the in-memory mesh export_nerf returns, in world axes)}."""
+    if not (HAS_MC and HAS_XATLAS):
+        pytest.skip("needs a marching-cubes library and xatlas")
+    from l2vsd_core.config import ExportConfig
+    from l2vsd_core.pipeline import export_nerf
+    folder = tmp_path_factory.mktemp("cone")
+    return {fmt: (folder / f"cone.{fmt}", export_nerf(ConeField(), ExportConfig(**CONE_EXPORT), folder / f"cone.{fmt}",
+                                                        format=fmt)) for fmt in ("glb", "obj", "ply")}
+
+
+def test_world_to_y_up_is_the_proper_rotation_to_gltf_axes():
+    r = ex.WORLD_TO_Y_UP
+    assert np.allclose(r @ r.T, np.eye(3)) and np.linalg.det(r) == pytest.approx(1.0)  # a rotation, no mirror
+    up, front, right = np.eye(3)[[2, 0, 1]]  # world: z up, front +x, the front view's right +y (cameras.py)
+    assert np.array_equal(ex.world_to_y_up(up), [0, 1, 0]) and np.array_equal(ex.world_to_y_up(front), [0, 0, 1])
+    assert np.array_equal(ex.world_to_y_up(right), [1, 0, 0])
+    points = np.random.default_rng(0).normal(size=(5, 3))
+    assert np.allclose(ex.y_up_to_world(ex.world_to_y_up(points)), points)
+
+
+def test_the_world_field_is_what_the_checks_expect():
+    mesh = ex.extract_mesh(ConeField(), resolution=64, threshold=50.0)  # world axes: turned, it must pass
+    _check_cone_y_up(ex.world_to_y_up(mesh.vertices), ex.world_to_y_up(mesh.vertex_normals))
+    with pytest.raises(AssertionError):  # and unturned (z up) it must not
+        _check_cone_y_up(mesh.vertices)
+
+
+def test_glb_is_y_up_with_the_front_on_plus_z(cone_exports):
+    path, world = cone_exports["glb"]
+    loaded = trimesh.load(path, force="mesh", process=False)
+    _check_cone_y_up(loaded.vertices)
+    # exactly the world mesh turned: same vertex order, same faces (the winding is kept, not flipped)
+    assert np.allclose(loaded.vertices, ex.world_to_y_up(world.vertices), atol=1e-6)
+    assert np.array_equal(loaded.faces, world.faces)
+    assert np.allclose(ex.y_up_to_world(loaded.vertices), world.vertices, atol=1e-6)
+    _check_proper(loaded.vertices, loaded.faces, world)
+    assert _gltf_json(path)["asset"]["version"] == "2.0"
+
+
+def test_obj_is_y_up_with_the_front_on_plus_z(cone_exports):
+    path, world = cone_exports["obj"]
+    loaded = trimesh.load(path, force="mesh")
+    assert loaded.visual.uv is not None
+    _check_cone_y_up(loaded.vertices)
+    _check_proper(loaded.vertices, loaded.faces, world)
+
+
+def test_ply_keeps_the_world_axes(cone_exports):
+    path, world = cone_exports["ply"]
+    loaded = trimesh.load(path, force="mesh", process=False)
+    assert np.allclose(loaded.vertices, world.vertices, atol=1e-6)  # z up, front +x: the world's, documented
+    _check_cone_y_up(ex.world_to_y_up(loaded.vertices))
+    _check_proper(ex.world_to_y_up(loaded.vertices), loaded.faces, world)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj"])
+@needs_mc
+def test_written_normals_turn_with_the_vertices(fmt, tmp_path):
+    mesh = ex.extract_mesh(ConeField(), resolution=64, threshold=50.0)
+    before = mesh.vertices.copy()
+    world_normals = mesh.vertex_normals.copy()  # cached now, so trimesh writes them
+    path = ex.save_mesh(mesh, tmp_path / f"n.{fmt}")
+    assert np.array_equal(mesh.vertices, before) and np.allclose(mesh.vertex_normals, world_normals)  # untouched
+    text = path.read_text() if fmt == "obj" else None
+    if fmt == "glb":
+        assert "NORMAL" in _gltf_json(path)["meshes"][0]["primitives"][0]["attributes"]
+    else:
+        assert "\nvn " in text
+    loaded = trimesh.load(path, force="mesh", process=False)
+    _check_cone_y_up(loaded.vertices, loaded.vertex_normals)
+    if fmt == "glb":
+        assert np.allclose(loaded.vertex_normals, ex.world_to_y_up(world_normals), atol=1e-4)  # float32 in the file
+
+
+@needs_mc
+@needs_xatlas
+def test_refined_mesh_export_is_y_up(tmp_path):
+    """save_textured_mesh (stages 2 and 3: a DMTet TriangleMesh) writes through save_mesh: the same axes."""
+    from l2vsd_core.mesh.dmtet import TriangleMesh
+    world = ex.extract_mesh(ConeField(), resolution=48, threshold=50.0)
+    surface = TriangleMesh(torch.as_tensor(world.vertices, dtype=torch.float32), torch.as_tensor(world.faces))
+    baked, path = ex.save_textured_mesh(surface, ConeField(), tmp_path / "refined.glb", texture_size=32)
+    _check_cone_y_up(ex.world_to_y_up(baked.vertices))  # the returned mesh stays in world axes
+    loaded = trimesh.load(path, force="mesh", process=False)
+    _check_cone_y_up(loaded.vertices)
+    _check_proper(loaded.vertices, loaded.faces, baked)
+
+
+@needs_mc
+def test_export_node_core_mesh_is_y_up():
+    """ExportMesh's core MESH output goes to SaveGLB, which writes its vertices into a glTF as they are."""
+    from nodes.export_node import CoreMesh
+    world = ex.extract_mesh(ConeField(), resolution=48, threshold=50.0)
+    core = CoreMesh.of(world)
+    assert core.vertices.shape == (1, len(world.vertices), 3) and torch.equal(core.faces[0],
+                                                                              torch.as_tensor(world.faces))
+    _check_cone_y_up(core.vertices[0].numpy())
+    _check_proper(core.vertices[0].numpy(), world.faces, world)

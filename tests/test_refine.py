@@ -15,7 +15,7 @@ from l2vsd_core.distill import DistillConfig
 from l2vsd_core.mesh.dmtet import DMTet, TriangleMesh
 from l2vsd_core.mesh.mesh_renderer import MeshRenderer
 from l2vsd_core.config import GeometryConfig, TextureConfig
-from l2vsd_core.export import save_textured_mesh
+from l2vsd_core.export import save_textured_mesh, y_up_to_world
 from l2vsd_core.mesh.dmtet import dmtet_from_density
 from l2vsd_core.scene.field import TextureField
 from l2vsd_core.stages import GeometryStage, TextureStage
@@ -394,7 +394,7 @@ def test_export_bakes_any_colour_function(tmp_path):
     image = loaded.visual.material.baseColorTexture
     assert image is not None and len(loaded.faces) == len(mesh.faces)
     colours = trimesh.visual.uv_to_color(loaded.visual.uv, image)[:, :3] / 255.0
-    x = loaded.vertices[:, 0]
+    x = y_up_to_world(loaded.vertices)[:, 0]  # the GLB is y up; the colour function saw world x
     assert colours[x > 0.1].mean() > 0.9 and colours[x < -0.1].mean() < 0.1
 
 

@@ -107,7 +107,9 @@ class TexturedMesh:
 
 
 def load_glb(path) -> TexturedMesh:
-    """The textured mesh of a GLB written by :func:`l2vsd_core.export.save_mesh` (any stage's ``model.glb``).
+    """The textured mesh of a GLB written by :func:`l2vsd_core.export.save_mesh` (any stage's ``model.glb``), in
+    world axes: the file is y up (glTF's convention), so its vertices are turned back to the world's z up by
+    :func:`l2vsd_core.export.y_up_to_world`, and the world's cameras see it as they saw the field.
 
     UVs: glTF stores them with the origin top-left and v down; trimesh flips v on load (and back on export), so
     ``visual.uv`` is OpenGL's v-up, the convention :func:`l2vsd_core.export.bake_texture` bakes in (texel row r at
@@ -115,6 +117,8 @@ def load_glb(path) -> TexturedMesh:
     base-colour factor multiplies the texture, as a viewer would."""
     import numpy as np
     import trimesh
+
+    from ...export import y_up_to_world
 
     mesh = trimesh.load(str(path), force="mesh", process=False)  # applies the scene's node transforms
     visual = mesh.visual
@@ -128,7 +132,7 @@ def load_glb(path) -> TexturedMesh:
     if factor is not None:
         factor = np.asarray(factor)[:3]
         texels = texels * (factor / 255.0 if factor.dtype.kind in "ui" else factor)  # trimesh keeps uint8 RGBA
-    return TexturedMesh(vertices=torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32),
+    return TexturedMesh(vertices=torch.as_tensor(y_up_to_world(mesh.vertices), dtype=torch.float32),
                         faces=torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long),
                         uv=torch.as_tensor(np.asarray(visual.uv), dtype=torch.float32),
                         texture=torch.from_numpy(np.ascontiguousarray(texels[::-1])))
