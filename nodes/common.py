@@ -219,6 +219,66 @@ def to_pil(image):
     return Image.fromarray(array, mode="RGB")
 
 
+# ------------------------------------------------------------------------------------------ previews for display
+# What a node shows on the canvas is enlarged to at least this many pixels (its larger side): ComfyUI's frontend
+# draws a batch of images at most at their own size, so a 32-px toy render would show as a 32-px speck. Only the
+# displayed copies are enlarged; the IMAGE outputs keep the renders' own size.
+DISPLAY_SIZE = 256
+
+
+def display_factor(width: int, height: int, target: int = DISPLAY_SIZE) -> int:
+    """The smallest whole factor that makes the larger side of a ``width`` × ``height`` image at least ``target``
+    (1 for an image that large already)."""
+    return max(1, math.ceil(target / max(1, int(width), int(height))))
+
+
+def upscaled(image, target: int = DISPLAY_SIZE):
+    """A PIL image enlarged by :func:`display_factor`, nearest-neighbour (each render pixel a sharp square)."""
+    from PIL import Image
+
+    factor = display_factor(image.width, image.height, target)
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def display_images(images, stem: str) -> list:
+    """An IMAGE batch as the ``ui`` ``images`` entry ComfyUI shows on the node (as core PreviewImage's): one PNG per
+    image in the temp folder, enlarged for display (:func:`upscaled`)."""
+    import uuid
+
+    folder = temp_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    shown = []
+    for i, image in enumerate(images):
+        name = f"{stem}_{token}_{i:03}.png"
+        upscaled(to_pil(image)).save(folder / name, compress_level=1)
+        shown.append({"filename": name, "subfolder": "", "type": "temp"})
+    return shown
+
+
+def display_animation(gif: Path, stem: str) -> dict:
+    """The ``ui`` entries that show the animated GIF ``gif`` on the node, enlarged for display (:func:`upscaled`,
+    each frame's duration kept): ``images`` (one GIF in the temp folder) and ``animated``, which makes the frontend
+    play it rather than draw its first frame."""
+    import uuid
+
+    from PIL import Image, ImageSequence
+
+    folder = temp_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{stem}_{uuid.uuid4().hex[:12]}.gif"
+    with Image.open(gif) as source:
+        frames, durations = [], []
+        for frame in ImageSequence.Iterator(source):
+            frames.append(upscaled(frame.convert("RGB")))
+            durations.append(int(frame.info.get("duration", source.info.get("duration", 100))))
+    frames[0].save(folder / name, save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   optimize=False)
+    return {"images": [{"filename": name, "subfolder": "", "type": "temp"}], "animated": (True,)}
+
+
 def render_orbit(renderer, field, background, views: int, resolution: int, elevation: float, distance: float,
                  fovy: float, output: str = "rgb", device=None):
     """``views`` evenly spaced turntable renders [views, H, W, 3] (evaluation mode, no gradients) with anything that

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import (CATEGORY_EXPORT, MESH_TYPE, SCENE_TYPE, input_error, make_config, output_directory,
-                     relative_subpath)
+from .common import (CATEGORY_EXPORT, MESH_TYPE, SCENE_TYPE, display_animation, input_error, make_config,
+                     output_directory, relative_subpath)
 from .scene_nodes import RefinedMesh, Scene
 
 FORMATS = ("glb", "obj", "ply")
@@ -75,11 +75,11 @@ class ExportMesh:
             "filename_prefix": ("STRING", {"default": "3d/l2vsd",
                                            "tooltip": "File name under ComfyUI's output folder; a counter is "
                                                       "appended. Subfolders allowed, '..' and absolute paths not."}),
-            "turntable_views": ("INT", {"default": 24, "min": 1, "max": 360,
+            "turntable_views": ("INT", {"default": 30, "min": 1, "max": 360,
                                         "tooltip": "Frames of the turntable (IMAGE output and GIF next to the "
-                                                   "mesh)."}),
+                                                   "mesh; toy demo: 24)."}),
             "turntable_resolution": ("INT", {"default": 128, "min": 8, "max": 1024,
-                                             "tooltip": "Width = height of the turntable frames."}),
+                                             "tooltip": "Width = height of the turntable frames (toy demo: 64)."}),
         }, "optional": {
             "scene": (SCENE_TYPE, {"tooltip": "A stage-1 scene from L2VSD Optimize: its iso-surface is exported. "
                                               "Connect this or mesh, not both."}),
@@ -89,6 +89,13 @@ class ExportMesh:
 
     RETURN_TYPES = ("STRING", "IMAGE", "MESH")
     RETURN_NAMES = ("model_file", "turntable", "mesh")
+    OUTPUT_TOOLTIPS = (
+        "The mesh file's path relative to ComfyUI's output folder (e.g. 3d/l2vsd_00001_.glb): wire it into core "
+        "Preview3D to view it.",
+        "The turntable frames (turntable_views images at turntable_resolution; also saved as a GIF next to the "
+        "mesh); the node itself plays the turntable, enlarged.",
+        "The exported geometry as core MESH (no texture; y up, front +z), for core SaveGLB.",
+    )
     OUTPUT_NODE = True  # writes files: worth running even when nothing is connected to its outputs
     FUNCTION = "export"
     CATEGORY = CATEGORY_EXPORT
@@ -100,13 +107,9 @@ class ExportMesh:
         source = _source(scene, mesh)
         if format not in FORMATS:
             raise input_error("format", f"{format!r} is not an option", f"pick one of {', '.join(FORMATS)}")
-        level = parse_threshold(threshold)
-        from l2vsd_core.config import ExportConfig
-
-        export = make_config(ExportConfig, EXPORT_FIELDS, "change it (see its tooltip)",
-                             mesh_resolution=int(mesh_resolution), threshold=level, max_faces=int(max_faces),
-                             texture_size=int(texture_size), turntable_views=int(turntable_views),
-                             turntable_resolution=int(turntable_resolution))
+        export = export_config(mesh_resolution=mesh_resolution, threshold=threshold, max_faces=max_faces,
+                               texture_size=texture_size, turntable_views=turntable_views,
+                               turntable_resolution=turntable_resolution)
         prefix = relative_subpath("filename_prefix", filename_prefix, "prefix")
         mesh_path, turntable_path = _counter_paths(prefix, format)
 
@@ -133,8 +136,19 @@ class ExportMesh:
         relative = mesh_path.relative_to(output_directory()).as_posix()
         log(f"mesh: {len(saved.vertices)} vertices, {len(saved.faces)} faces → {mesh_path}")
         ui = {"l2vsd_mesh": [{"filename": mesh_path.name, "subfolder": str(Path(relative).parent.as_posix()),
-                              "type": "output", "vertices": len(saved.vertices), "faces": len(saved.faces)}]}
+                              "type": "output", "vertices": len(saved.vertices), "faces": len(saved.faces)}],
+              **display_animation(turntable_path, "l2vsd_turntable")}
         return {"ui": ui, "result": (relative, _gif_frames(turntable_path), CoreMesh.of(saved))}
+
+
+def export_config(*, mesh_resolution, threshold, max_faces, texture_size, turntable_views, turntable_resolution):
+    """ExportMesh's settings as the core's ``ExportConfig``; a value it refuses is an input error naming the input."""
+    from l2vsd_core.config import ExportConfig
+
+    return make_config(ExportConfig, EXPORT_FIELDS, "change it (see its tooltip)",
+                       mesh_resolution=int(mesh_resolution), threshold=parse_threshold(threshold),
+                       max_faces=int(max_faces), texture_size=int(texture_size), turntable_views=int(turntable_views),
+                       turntable_resolution=int(turntable_resolution))
 
 
 class CoreMesh:

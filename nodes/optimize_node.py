@@ -7,7 +7,8 @@ from .common import (CATEGORY_OPTIMIZE, DEFAULT_MAX_STEP, DEFAULT_MIN_STEP, HIFA
                      SCORE_TYPE, TIMESTEP_INPUTS, check_pixel_factor, check_prompt, check_sockets, check_timestep_range,
                      input_error, make_config, parse_resolution_schedule, parse_schedule, render_orbit)
 from .model_nodes import LoadedPrior, ScoreSettings
-from .runs import checkpoint_file, curves_image, lora_base, run_folder, run_info, run_stage
+from .runs import (checkpoint_file, checkpoint_folder_input, curves_image, lora_base, run_folder, run_stage,
+                   stage_ui)
 from .scene_nodes import Scene
 
 ORBIT_VIEWS = 8
@@ -39,8 +40,7 @@ class L2VSDOptimize:
             "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                            "tooltip": "What to steer away from (classifier-free guidance)."}),
             "steps": ("INT", {"default": 25000, "min": 1, "max": 100000,
-                              "tooltip": "Optimization steps (ProlificDreamer: 25000; the toy prior: a few "
-                                         "hundred)."}),
+                              "tooltip": "Optimization steps (ProlificDreamer: 25000; the toy prior: 400)."}),
             "resolution": ("INT", {"default": 64, "min": 8, "max": 1024, "step": 8,
                                    "tooltip": "Width = height of the training renders at the start (and of the "
                                               "previews); resolution_schedule switches to larger ones later. "
@@ -66,9 +66,7 @@ class L2VSDOptimize:
                                    "tooltip": "Continue from the checkpoint in checkpoint_folder (e.g. after Cancel) "
                                               "up to 'steps'; the other settings must match that run. Off: start "
                                               "over and overwrite it."}),
-            "checkpoint_folder": ("STRING", {"default": "l2vsd/run",
-                                             "tooltip": "Folder under ComfyUI's output folder for the checkpoint "
-                                                        "and loss curves."}),
+            "checkpoint_folder": checkpoint_folder_input("nerf"),
         }, "optional": {
             "resolution_schedule": ("STRING", {"default": DEFAULT_SCHEDULE,
                                                "tooltip": "Later render widths: comma-separated WIDTH@STEP (the "
@@ -91,6 +89,13 @@ class L2VSDOptimize:
 
     RETURN_TYPES = (SCENE_TYPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("scene", "orbit_renders", "loss_curves")
+    OUTPUT_TOOLTIPS = (
+        "The optimized NeRF scene (a copy; the input scene is unchanged): into L2VSD Refine Geometry, L2VSD Export "
+        "Mesh, or another L2VSD Optimize to continue.",
+        "8 renders around the object (15° elevation) at the preview size ('resolution'), as an IMAGE batch at that "
+        "size; the node itself shows them enlarged.",
+        "The loss terms per step, plotted (one image).",
+    )
     FUNCTION = "optimize"
     CATEGORY = CATEGORY_OPTIMIZE
     DESCRIPTION = ("Optimizes the scene by score distillation (SDS / VSD / L²-VSD ...). Cancel writes a checkpoint; "
@@ -134,7 +139,8 @@ class L2VSDOptimize:
             orbit = render_orbit(trained.renderer, trained.field, trained.background, ORBIT_VIEWS,
                                  config.preview_resolution, config.preview_elevation, config.preview_distance,
                                  config.preview_fovy)
-        return {"ui": run_info(run, checkpoint), "result": (trained, orbit, curves_image(run.history))}
+        return {"ui": stage_ui(run, checkpoint, orbit, "l2vsd_orbit"),
+                "result": (trained, orbit, curves_image(run.history))}
 
 
 def nerf_config(score: ScoreSettings, scene: Scene, *, steps, resolution, guidance_scale, lr_encoding, lr_network,

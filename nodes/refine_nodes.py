@@ -11,7 +11,8 @@ from .common import (CATEGORY_OPTIMIZE, DEFAULT_MAX_STEP, DEFAULT_MIN_STEP, HIFA
                      render_orbit)
 from .export_node import parse_threshold
 from .model_nodes import METHODS, LoadedPrior, ScoreSettings
-from .runs import checkpoint_file, curves_image, lora_base, run_folder, run_info, run_stage
+from .runs import (checkpoint_file, checkpoint_folder_input, curves_image, lora_base, run_folder, run_stage,
+                   stage_ui)
 from .scene_nodes import RefinedMesh, Scene
 
 ORBIT_VIEWS = 8
@@ -48,6 +49,40 @@ def _stage_config(kind, fields: dict, prior, score: ScoreSettings, method: str, 
     return config
 
 
+def geometry_config(prior, score: ScoreSettings, *, method, steps, resolution, dmtet_resolution, guidance_scale,
+                    lambda_normal_consistency, lambda_laplacian_smoothness, learning_rate, threshold, seed,
+                    checkpoint_every, preview_every, min_step_percent=DEFAULT_MIN_STEP,
+                    max_step_percent=DEFAULT_MAX_STEP):
+    """RefineGeometry's inputs (but its sockets, prompts and run folder) as the core's ``GeometryConfig``; a value it
+    refuses is an input error naming the input."""
+    from l2vsd_core.config import GeometryConfig
+
+    check_choice("method", method, METHODS)
+    return _stage_config(
+        GeometryConfig, GEOMETRY_FIELDS, prior, score, method, guidance_scale, min_step_percent, max_step_percent,
+        steps=int(steps), seed=int(seed), resolution=int(resolution), dmtet_resolution=int(dmtet_resolution),
+        lr=float(learning_rate), lambda_normal_consistency=float(lambda_normal_consistency),
+        lambda_laplacian_smoothness=float(lambda_laplacian_smoothness), isosurface_threshold=parse_threshold(threshold),
+        checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
+        preview_resolution=_preview_resolution(resolution))
+
+
+def texture_config(prior, score: ScoreSettings, *, method, steps, resolution, guidance_scale, lr_encoding, lr_network,
+                   lr_background, seed, checkpoint_every, preview_every, min_step_percent=DEFAULT_MIN_STEP,
+                   max_step_percent=DEFAULT_MAX_STEP, sqrt_anneal=False, lambda_image=0.0):
+    """RefineTexture's inputs (but its sockets, prompts and run folder) as the core's ``TextureConfig`` ("from score":
+    the score's estimator); a value it refuses is an input error naming the input."""
+    from l2vsd_core.config import TextureConfig
+
+    check_choice("method", method, (FROM_SCORE, *METHODS))
+    return _stage_config(
+        TextureConfig, TEXTURE_FIELDS, prior, score, score.method if method == FROM_SCORE else method, guidance_scale,
+        min_step_percent, max_step_percent, sqrt_anneal, steps=int(steps), seed=int(seed), resolution=int(resolution),
+        lr_encoding=float(lr_encoding), lr_network=float(lr_network), lr_background=float(lr_background),
+        lambda_image=float(lambda_image), checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
+        preview_resolution=_preview_resolution(resolution))
+
+
 def _prompts(prior, prompt: str, negative_prompt: str, source):
     """The stage's prompts (empty: those ``source``, the input scene or mesh, was made with), encoded."""
     from l2vsd_core import build
@@ -76,11 +111,13 @@ _RUN_INPUTS = {
                            "tooltip": "Continue from this stage's checkpoint in checkpoint_folder (e.g. after Cancel) "
                                       "up to 'steps'; the other settings must match that run. Off: start over and "
                                       "overwrite it."}),
-    "checkpoint_folder": ("STRING", {"default": "l2vsd/run",
-                                     "tooltip": "Folder under ComfyUI's output folder for this stage's checkpoint "
-                                                "and loss curves (each stage has its own files, so the three "
-                                                "stages may share a folder)."}),
 }
+
+
+def _run_inputs(stage: str) -> dict:
+    return {**_RUN_INPUTS, "checkpoint_folder": checkpoint_folder_input(stage)}
+
+
 class RefineGeometry:
     """Stage 2: refine the stage-1 geometry as a DMTet mesh, distilled on normal maps (ProlificDreamer: SDS, 100)."""
 
@@ -97,11 +134,10 @@ class RefineGeometry:
                                        "tooltip": "Estimator on the normal maps: sds (ProlificDreamer's geometry "
                                                   "stage) or a VSD-family method with a fresh LoRA."}),
             "steps": ("INT", {"default": 15000, "min": 1, "max": 100000,
-                              "tooltip": "Optimization steps (ProlificDreamer: 15000; the toy prior: a few "
-                                         "hundred)."}),
+                              "tooltip": "Optimization steps (ProlificDreamer: 15000; the toy prior: 300)."}),
             "resolution": ("INT", {"default": 512, "min": 8, "max": 2048, "step": 8,
                                    "tooltip": "Width = height of the normal-map renders (ProlificDreamer: 512; toy: "
-                                              "64); resized to the prior's input size."}),
+                                              "32); resized to the prior's input size."}),
             "dmtet_resolution": ("INT", {"default": 64, "min": 4, "max": 256,
                                          "tooltip": "DMTet cubes per axis over the object's box (64 ≈ threestudio's "
                                                     "128-tet grid; toy: 32). Memory grows as its cube."}),
@@ -121,11 +157,18 @@ class RefineGeometry:
                                                 "non-empty densities, as Export Mesh) or a number."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                              "tooltip": "Seed of cameras, noise and the LoRA's initial weights."}),
-            **_RUN_INPUTS,
+            **_run_inputs("geometry"),
         }, "optional": dict(TIMESTEP_INPUTS)}
 
     RETURN_TYPES = (MESH_TYPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("mesh", "normal_renders", "loss_curves")
+    OUTPUT_TOOLTIPS = (
+        "The refined mesh, coloured by the stage-1 field: into L2VSD Refine Texture, or L2VSD Export Mesh (which "
+        "bakes the stage-1 colours onto it).",
+        "8 normal-map renders of the mesh around it (15° elevation) at 'resolution' (at most 256 px), as an IMAGE "
+        "batch at that size; the node itself shows them enlarged.",
+        "The loss terms per step, plotted (one image).",
+    )
     FUNCTION = "refine"
     CATEGORY = CATEGORY_OPTIMIZE
     DESCRIPTION = ("Stage 2: refines the stage-1 geometry as a mesh (DMTet) by score distillation on normal maps. "
@@ -137,18 +180,12 @@ class RefineGeometry:
                max_step_percent=DEFAULT_MAX_STEP):
         check_sockets(prior=(prior, LoadedPrior, "LoadPrior"), score=(score, ScoreSettings, "AttachLoRAScore"),
                       scene=(scene, Scene, "L2VSD Optimize"))
-        check_choice("method", method, METHODS)
-        level = parse_threshold(threshold)
-        from l2vsd_core.config import GeometryConfig
-
-        config = _stage_config(
-            GeometryConfig, GEOMETRY_FIELDS, prior.prior, score, method, guidance_scale, min_step_percent,
-            max_step_percent, steps=int(steps), seed=int(seed), resolution=int(resolution),
-            dmtet_resolution=int(dmtet_resolution), lr=float(learning_rate),
-            lambda_normal_consistency=float(lambda_normal_consistency),
-            lambda_laplacian_smoothness=float(lambda_laplacian_smoothness), isosurface_threshold=level,
-            checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
-            preview_resolution=_preview_resolution(resolution))
+        config = geometry_config(
+            prior.prior, score, method=method, steps=steps, resolution=resolution, dmtet_resolution=dmtet_resolution,
+            guidance_scale=guidance_scale, lambda_normal_consistency=lambda_normal_consistency,
+            lambda_laplacian_smoothness=lambda_laplacian_smoothness, learning_rate=learning_rate,
+            threshold=threshold, seed=seed, checkpoint_every=checkpoint_every, preview_every=preview_every,
+            min_step_percent=min_step_percent, max_step_percent=max_step_percent)
         run_dir = run_folder(checkpoint_folder)
         checkpoint = checkpoint_file(run_dir, "geometry")
 
@@ -177,7 +214,7 @@ class RefineGeometry:
                                    output="comp_normal", device=mesh.vertices.device)
         result = RefinedMesh(mesh=mesh, color=color, background=background, settings=scene.settings,
                              stage="geometry", prompt=prompt, negative_prompt=negative_prompt, history=run.history)
-        ui = run_info(run, checkpoint)
+        ui = stage_ui(run, checkpoint, normals, "l2vsd_normals")
         ui["l2vsd_run"][0].update(vertices=int(mesh.vertices.shape[0]), faces=int(mesh.faces.shape[0]))
         return {"ui": ui, "result": (result, normals, curves_image(run.history))}
 
@@ -198,11 +235,10 @@ class RefineTexture:
                                                 "tooltip": "Estimator: the score's (AttachLoRAScore) or another one; "
                                                            "ProlificDreamer's texture stage uses vsd."}),
             "steps": ("INT", {"default": 30000, "min": 1, "max": 100000,
-                              "tooltip": "Optimization steps (ProlificDreamer: 30000; the toy prior: a few "
-                                         "hundred)."}),
+                              "tooltip": "Optimization steps (ProlificDreamer: 30000; the toy prior: 200)."}),
             "resolution": ("INT", {"default": 512, "min": 8, "max": 2048, "step": 8,
                                    "tooltip": "Width = height of the colour renders (ProlificDreamer: 512; toy: "
-                                              "64); resized to the prior's input size."}),
+                                              "32); resized to the prior's input size."}),
             "guidance_scale": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.5,
                                          "tooltip": "Classifier-free guidance scale; -1 = the one set in "
                                                     "AttachLoRAScore (ProlificDreamer: 7.5)."}),
@@ -215,7 +251,7 @@ class RefineTexture:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                              "tooltip": "Seed of cameras, noise and the initial weights of the texture, "
                                         "background and LoRA."}),
-            **_RUN_INPUTS,
+            **_run_inputs("texture"),
         }, "optional": {
             **TIMESTEP_INPUTS,
             **HIFA_INPUTS,
@@ -223,6 +259,12 @@ class RefineTexture:
 
     RETURN_TYPES = (MESH_TYPE, "IMAGE", "IMAGE")
     RETURN_NAMES = ("mesh", "renders", "loss_curves")
+    OUTPUT_TOOLTIPS = (
+        "The same mesh with its new texture: into L2VSD Export Mesh (its mesh input).",
+        "8 renders of the textured mesh around it (15° elevation) at 'resolution' (at most 256 px), as an IMAGE "
+        "batch at that size; the node itself shows them enlarged.",
+        "The loss terms per step, plotted (one image).",
+    )
     FUNCTION = "refine"
     CATEGORY = CATEGORY_OPTIMIZE
     DESCRIPTION = ("Stage 3: trains a new texture on the refined mesh by score distillation. Cancel writes a "
@@ -234,16 +276,11 @@ class RefineTexture:
                sqrt_anneal=False, lambda_image=0.0):
         check_sockets(prior=(prior, LoadedPrior, "LoadPrior"), score=(score, ScoreSettings, "AttachLoRAScore"),
                       mesh=(mesh, RefinedMesh, "L2VSD Refine Geometry"))
-        check_choice("method", method, (FROM_SCORE, *METHODS))
-        from l2vsd_core.config import TextureConfig
-
-        config = _stage_config(
-            TextureConfig, TEXTURE_FIELDS, prior.prior, score, score.method if method == FROM_SCORE else method,
-            guidance_scale, min_step_percent, max_step_percent, sqrt_anneal, steps=int(steps), seed=int(seed),
-            resolution=int(resolution), lr_encoding=float(lr_encoding), lr_network=float(lr_network),
-            lr_background=float(lr_background), lambda_image=float(lambda_image),
-            checkpoint_every=int(checkpoint_every), preview_every=int(preview_every),
-            preview_resolution=_preview_resolution(resolution))
+        config = texture_config(
+            prior.prior, score, method=method, steps=steps, resolution=resolution, guidance_scale=guidance_scale,
+            lr_encoding=lr_encoding, lr_network=lr_network, lr_background=lr_background, seed=seed,
+            checkpoint_every=checkpoint_every, preview_every=preview_every, min_step_percent=min_step_percent,
+            max_step_percent=max_step_percent, sqrt_anneal=sqrt_anneal, lambda_image=lambda_image)
         run_dir = run_folder(checkpoint_folder)
         checkpoint = checkpoint_file(run_dir, "texture")
 
@@ -269,4 +306,5 @@ class RefineTexture:
                                    config.preview_fovy)
         result = RefinedMesh(mesh=stage.mesh, color=stage.field, background=stage.background, settings=settings,
                              stage="texture", prompt=prompt, negative_prompt=negative_prompt, history=run.history)
-        return {"ui": run_info(run, checkpoint), "result": (result, renders, curves_image(run.history))}
+        return {"ui": stage_ui(run, checkpoint, renders, "l2vsd_texture"),
+                "result": (result, renders, curves_image(run.history))}

@@ -11,10 +11,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import input_error, output_directory, relative_subpath, temp_directory, to_image_batch, to_pil
+from .common import (DISPLAY_SIZE, display_images, input_error, output_directory, relative_subpath, temp_directory,
+                     to_image_batch, to_pil, upscaled)
 
-PREVIEW_SIZE = 256  # the server scales progress previews to fit this size (up, too: toy renders are 32 wide)
+PREVIEW_SIZE = DISPLAY_SIZE  # the server fits progress previews into this size (enlarged here first: crisp pixels)
 LOG_PREFIX = "[L2VSD] "
+# Each stage's default checkpoint_folder under the output folder: one folder per stage, so that fresh nodes of the
+# three stages never share one (their files would not collide anyway: l2vsd_core.runner.STAGE_FILES)
+DEFAULT_FOLDERS = {"nerf": "l2vsd/nerf", "geometry": "l2vsd/geometry", "texture": "l2vsd/texture"}
+
+
+def checkpoint_folder_input(stage: str) -> tuple:
+    """The ``checkpoint_folder`` input of the node that runs ``stage``, defaulting to its own folder."""
+    return ("STRING", {"default": DEFAULT_FOLDERS[stage],
+                       "tooltip": "Folder under ComfyUI's output folder for this stage's checkpoint and loss curves "
+                                  f"(default: {DEFAULT_FOLDERS[stage]}, this stage's own). 'resume' continues the run "
+                                  "found there: give each graph its own folder (the bundled workflows use "
+                                  "l2vsd/<workflow>/<stage>)."})
 
 
 def log(message: str) -> None:
@@ -30,7 +43,8 @@ def run_folder(checkpoint_folder: str) -> Path:
 
 
 def checkpoint_file(run_dir: Path, stage: str) -> Path:
-    """The stage's checkpoint in ``run_dir`` (``l2vsd_core.runner.STAGE_FILES``: the three stages share a folder)."""
+    """The stage's checkpoint in ``run_dir`` (``l2vsd_core.runner.STAGE_FILES``: each stage has its own file names, so
+    the three stages may also share a folder, as ``generate --stages 3`` does in ``--out``)."""
     from l2vsd_core.runner import stage_files
     return stage_files(run_dir, stage)[0]
 
@@ -71,7 +85,7 @@ class ComfyHooks:
         return Hooks().interrupts()
 
     def progress(self, done: int, total: int, terms: dict, preview) -> None:
-        image = None if preview is None else ("JPEG", to_pil(preview), PREVIEW_SIZE)
+        image = None if preview is None else ("JPEG", upscaled(to_pil(preview)), PREVIEW_SIZE)
         self.bar.update_absolute(done, total, image)
 
     def should_stop(self) -> bool:
@@ -121,6 +135,12 @@ def run_info(run, checkpoint: Path) -> dict:
     (relative to the output folder)."""
     return {"l2vsd_run": [{"start_step": run.start, "step": run.step, "steps": run.total,
                            "checkpoint": str(checkpoint.relative_to(output_directory()).as_posix())}]}
+
+
+def stage_ui(run, checkpoint: Path, renders, stem: str) -> dict:
+    """The optimizing node's ``ui``: :func:`run_info` and its orbit ``renders`` shown on the node, enlarged for
+    display (the IMAGE output keeps their size)."""
+    return {**run_info(run, checkpoint), "images": display_images(renders, stem)}
 
 
 def lora_base(score):

@@ -122,6 +122,8 @@ class InitNeRF:
 
     RETURN_TYPES = (SCENE_TYPE,)
     RETURN_NAMES = ("scene",)
+    OUTPUT_TOOLTIPS = ("A new, untrained NeRF (hash-grid field, background and these renderer settings): into L2VSD "
+                       "Optimize's scene input.",)
     FUNCTION = "init"
     CATEGORY = CATEGORY_SCENE
     DESCRIPTION = "Creates an untrained stage-1 NeRF scene (hash-grid field and background)."

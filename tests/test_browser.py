@@ -4,7 +4,9 @@ Debian's chromium, driven by ``playwright-core`` from npm (``tests/browser/``, n
 host of ``tests/comfy_host.py`` (its litegraph frontend) and, when ``COMFYUI_DIR`` is set, the current host (the
 Vue frontend of ``comfyui-frontend-package``), loads ``workflows/toy_demo.json`` (with CPU-test sizes) with ``app.loadGraphData`` as
 a user's drag-and-drop does, checks that no "missing nodes" warning appears (after checking that an unknown node type
-does raise it), queues it with ``app.queuePrompt(0, 1)``, waits for the run to succeed and takes a screenshot.
+does raise it), queues it with ``app.queuePrompt(0, 1)``, waits for the run to succeed and takes a screenshot. The nodes
+show their renders enlarged (≥ 256 px), and no node covers another as the frontend places and sizes them, before the
+run and after it (its previews grew no node over a neighbour); the other bundled workflows are loaded and checked too.
 
 chromium, node and the npm package are required, not optional: CI installs them (``.ci/run``), so a missing one
 fails with the command that installs it. ``UPDATE_DOCS_SCREENSHOT=1`` also copies the screenshot to
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import HOST_2024
+from test_nodes_ui import SHOWS_IMAGES, TITLE_HEIGHT, overlaps
 
 pytest_plugins = ["comfy_host"]  # the session fixture comfy_host, shared with test_comfy_server.py
 
@@ -67,6 +70,21 @@ def widget_indices(node_id: str, ui_node: dict) -> dict:
     return indices
 
 
+def check_layout(host_name: str, workflow: dict, nodes: list) -> None:
+    """No node covers another as the frontend placed and sized them (``nodeGeometry`` in load_workflow.mjs; a
+    collapsed node is its title bar). The 2024 frontend grows a node whose widgets or images do not fit its size:
+    there every node keeps the size the workflow states, which tests/test_nodes_ui.py checks for room."""
+    stated = {n["id"]: n for n in workflow["nodes"]}
+    rectangles = {}
+    for n in nodes:
+        (x, y), (w, h) = n["pos"], n["size"]
+        rectangles[f'{n["id"]} {n["type"]}'] = (x, y - TITLE_HEIGHT, x + w, y if n["collapsed"] else y + h)
+        if host_name == HOST_2024:
+            assert [round(v) for v in (*n["pos"], *n["size"])] == [*stated[n["id"]]["pos"],
+                                                                   *stated[n["id"]]["size"]], n
+    assert not overlaps(rectangles), (overlaps(rectangles), nodes)
+
+
 def tiny_ui_workflow(steps: int = 4) -> dict:
     """``toy_demo.json`` with CPU-test sizes (the same as the API test's ``tiny_graph``)."""
     workflow = json.loads(UI_WORKFLOW.read_text())
@@ -103,7 +121,19 @@ def test_toy_workflow_loads_and_runs_in_the_frontend(comfy_host, tmp_path):
     assert found["promptId"], f"nothing was queued; page errors: {found['pageErrors']}"
     assert found["status"] == "success", (found, comfy_host.get(f"/history/{found['promptId']}"))
     assert not found["pageErrors"], found["pageErrors"]
-    assert found["previewImages"] == [8, 1, 4], found["previewImages"]  # orbit renders, loss curves, turntable
+    # the optimizer shows its 8 orbit renders and Export Mesh plays its turntable, both enlarged to 256 px (the
+    # toy's renders are 32 px, its turntable 32 here); the expanded PreviewImage shows the loss curves (the collapsed
+    # ones hold the IMAGE outputs at their own size)
+    shown = {n["id"]: n for n in found["nodesAfterRun"]}
+    assert shown[4]["images"] == [256] * 8, shown[4]
+    assert shown[5]["images"] == [256], shown[5]
+    if comfy_host.name == HOST_2024:
+        assert shown[5]["animated"], shown[5]
+    assert shown[7]["type"] == "PreviewImage" and len(shown[7]["images"]) == 1, shown[7]
+    assert {n["id"] for n in found["nodesAfterRun"] if n["type"] in SHOWS_IMAGES} == {4, 5, 6, 7, 8}
+    # the previews showed inside the nodes' stated sizes: none grew over a neighbour
+    check_layout(comfy_host.name, json.loads(workflow.read_text()), found["nodesLoaded"])
+    check_layout(comfy_host.name, json.loads(workflow.read_text()), found["nodesAfterRun"])
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000
     if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +166,7 @@ def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
     api = json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
     queued = {node_id: (node["class_type"], node["inputs"]) for node_id, node in found["apiPrompt"].items()}
     assert queued == {node_id: (node["class_type"], node["inputs"]) for node_id, node in api.items()}
+    check_layout(comfy_host.name, json.loads(source.read_text()), found["nodesLoaded"])
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000
     if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(screenshot, DOCS_SCREENSHOT.parent / f"{name}.png")

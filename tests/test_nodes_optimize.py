@@ -62,6 +62,19 @@ def test_a_fresh_optimize_node_is_prolificdreamers_stage_1():
     assert to_json(config) == to_json(reference)  # every setting, the estimator and the renderer's included
 
 
+def test_a_fresh_init_nerf_is_prolificdreamers_scene():
+    """Init NeRF's defaults are the configs' (ProlificDreamer's): the hash grid and MLP (``SceneConfig()``), the learned
+    environment background (``BackgroundSettings()``) and stage 1's renderer (radius, samples, occupancy grid)."""
+    from l2vsd_core.config import BackgroundSettings, NerfConfig, SceneConfig
+
+    settings = _scene().settings
+    assert settings.scene == SceneConfig() and settings.background == BackgroundSettings()
+    reference = NerfConfig()
+    assert (settings.radius, settings.samples_per_ray, settings.grid_resolution) == \
+        (reference.radius, reference.num_samples_per_ray, reference.grid_resolution)
+    assert settings.seed == 0
+
+
 def test_a_fresh_attach_lora_score_is_threestudios_lora():
     from l2vsd_core.config import DistillConfig, LoRAConfig
 

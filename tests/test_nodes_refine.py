@@ -55,43 +55,107 @@ def test_registered_with_display_names_and_tooltips():
     assert {k: v[0] for k, v in export["optional"].items()} == {"scene": SCENE_TYPE, "mesh": MESH_TYPE}
 
 
+def _settings(node) -> dict:
+    """A node's widget inputs that are settings of its config (not prompts, sockets or the run folder)."""
+    return {k: v for k, v in _defaults(node).items() if k not in ("prompt", "negative_prompt", "resume",
+                                                                  "checkpoint_folder")}
+
+
 def test_defaults_are_the_library_recipes():
-    from l2vsd_core.config import GeometryConfig, TextureConfig, to_json
-    from nodes.refine_nodes import GEOMETRY_FIELDS, TEXTURE_FIELDS, _stage_config
+    """A fresh Refine Geometry / Refine Texture / Export Mesh (with a fresh Attach LoRA Score) makes exactly the
+    library's ``GeometryConfig()`` / ``TextureConfig()`` / ``ExportConfig()`` — but for the refine nodes' preview size,
+    the training size up to 256 (the config's 64 is the CLI's PNG previews)."""
+    from l2vsd_core.config import ExportConfig, GeometryConfig, TextureConfig, to_json
+    from nodes.export_node import export_config
+    from nodes.model_nodes import AttachLoRAScore
+    from nodes.refine_nodes import geometry_config, texture_config
 
     g, t = GeometryConfig(), TextureConfig()
     geometry = _defaults(RefineGeometry)
     assert (geometry["method"], geometry["guidance_scale"]) == (g.distill.method, g.distill.guidance_scale)
     assert (geometry["steps"], geometry["resolution"], geometry["dmtet_resolution"], geometry["learning_rate"]) == \
         (g.steps, g.resolution, g.dmtet_resolution, g.lr)
-    assert (geometry["lambda_normal_consistency"], geometry["lambda_laplacian_smoothness"]) == \
-        (g.lambda_normal_consistency, g.lambda_laplacian_smoothness)
     texture = _defaults(RefineTexture)
     assert (texture["steps"], texture["resolution"]) == (t.steps, t.resolution)
-    assert (texture["lr_encoding"], texture["lr_network"], texture["lr_background"]) == \
-        (t.lr_encoding, t.lr_network, t.lr_background)
     assert texture["method"] == FROM_SCORE and texture["guidance_scale"] == -1.0  # the score's (7.5 by default)
     assert RefineTexture.INPUT_TYPES()["required"]["method"][0] == [FROM_SCORE, *METHODS]
-    # the configs the fresh nodes make (with a fresh AttachLoRAScore's score) are the library's, but for the
-    # preview size (the training size, at most 256)
-    from nodes.model_nodes import AttachLoRAScore
     score = AttachLoRAScore().attach(prior=_prior(), **_defaults(AttachLoRAScore))[0]
-    made = _stage_config(GeometryConfig, GEOMETRY_FIELDS, None, score, geometry["method"], geometry["guidance_scale"],
-                         geometry["min_step_percent"], geometry["max_step_percent"], steps=geometry["steps"],
-                         resolution=geometry["resolution"], dmtet_resolution=geometry["dmtet_resolution"],
-                         lr=geometry["learning_rate"], checkpoint_every=geometry["checkpoint_every"],
-                         preview_every=geometry["preview_every"], seed=geometry["seed"],
-                         lambda_normal_consistency=geometry["lambda_normal_consistency"],
-                         lambda_laplacian_smoothness=geometry["lambda_laplacian_smoothness"])
-    assert to_json(made) == to_json(g)
-    made = _stage_config(TextureConfig, TEXTURE_FIELDS, None, score, score.method, score.guidance_scale,
-                         texture["min_step_percent"], texture["max_step_percent"], texture["sqrt_anneal"],
-                         steps=texture["steps"], resolution=texture["resolution"], seed=texture["seed"],
-                         lr_encoding=texture["lr_encoding"], lr_network=texture["lr_network"],
-                         lr_background=texture["lr_background"], lambda_image=texture["lambda_image"],
-                         checkpoint_every=texture["checkpoint_every"], preview_every=texture["preview_every"])
+    made = geometry_config(None, score, **_settings(RefineGeometry))
+    assert made.preview_resolution == 256
+    assert to_json(made) == {**to_json(g), "preview_resolution": 256}
+    made = texture_config(None, score, **_settings(RefineTexture))
     assert made.distill.method == score.method  # "from score": the estimator of stage 1
-    assert to_json(made) == {**to_json(t), "distill": {**to_json(t.distill), "method": score.method}}
+    assert to_json(made) == {**to_json(t), "distill": {**to_json(t.distill), "method": score.method},
+                             "preview_resolution": 256}
+    assert export_config(**{k: v for k, v in _defaults(ExportMesh).items()
+                            if k not in ("format", "filename_prefix")}) == ExportConfig()
+
+
+def _api(name: str) -> dict:
+    return {node["class_type"]: node["inputs"]
+            for node in json.loads((ROOT / "workflows" / f"{name}.api.json").read_text()).values()}
+
+
+def _widgets(inputs: dict, *skip) -> dict:
+    return {k: v for k, v in inputs.items() if not isinstance(v, list) and k not in skip}
+
+
+def _workflow_run(name: str) -> dict:
+    """The core configs a bundled API workflow's nodes make: ``{"scene", "background", "lora", "nerf", "geometry",
+    "texture", "export"}`` (the stages the workflow has)."""
+    from nodes.export_node import export_config
+    from nodes.model_nodes import AttachLoRAScore
+    from nodes.optimize_node import nerf_config
+    from nodes.refine_nodes import geometry_config, texture_config
+    from nodes.scene_nodes import scene_settings
+
+    api, run_inputs = _api(name), ("prompt", "negative_prompt", "resume", "checkpoint_folder")
+    score = AttachLoRAScore().attach(prior=_prior(), **_widgets(api["L2VSD_AttachLoRAScore"]))[0]
+    settings = scene_settings(**api["L2VSD_InitNeRF"])
+    scene = Scene(settings=settings, field=None, background=None)
+    run = {"scene": settings.scene, "background": settings.background, "lora": score.lora,
+           "nerf": nerf_config(score, scene, **_widgets(api["L2VSD_Optimize"], *run_inputs)),
+           "export": export_config(**_widgets(api["L2VSD_ExportMesh"], "format", "filename_prefix"))}
+    if "L2VSD_RefineGeometry" in api:
+        run["geometry"] = geometry_config(None, score, **_widgets(api["L2VSD_RefineGeometry"], *run_inputs))
+    if "L2VSD_RefineTexture" in api:
+        run["texture"] = texture_config(None, score, **_widgets(api["L2VSD_RefineTexture"], *run_inputs))
+    return run
+
+
+@pytest.mark.parametrize("name", ["toy_demo", "toy_three_stage"])
+def test_toy_workflows_are_what_generate_runs_on_the_toy_prior(name):
+    """Every setting a toy workflow's nodes make is the one ``python -m l2vsd_core generate --prior toy --stages 3``
+    runs (``recipes.TOY`` over the defaults) — but the live previews: every 10 steps in ComfyUI's progress bar, where
+    the CLI writes no preview PNGs."""
+    from l2vsd_core.config import from_options, to_json
+    from l2vsd_core.recipes import recipe_for
+
+    cli = from_options({**recipe_for("toy"), "stages": 3})
+    for part, config in _workflow_run(name).items():
+        made, expected = to_json(config), to_json(getattr(cli, part))
+        if part in ("nerf", "geometry", "texture"):
+            assert made["preview_every"] == 10, (name, part)
+            made["preview_every"] = expected["preview_every"]
+        assert made == expected, (name, part)
+
+
+@pytest.mark.parametrize("name", ["sd21_stage1", "sd21_three_stage"])
+def test_sd_workflows_are_the_fresh_nodes(name):
+    """The SD workflows are ProlificDreamer's recipe in every stage (the configs' defaults, what fresh nodes make),
+    with L²-VSD as the estimator; the refine stages preview at 256 px."""
+    from l2vsd_core.config import RunConfig, to_json
+
+    defaults = RunConfig()
+    for part, config in _workflow_run(name).items():
+        made, expected = to_json(config), to_json(getattr(defaults, part))
+        if part in ("nerf", "texture"):
+            assert made["distill"]["method"] == "l2vsd"
+            made["distill"]["method"] = expected["distill"]["method"]
+        if part in ("geometry", "texture"):
+            assert made["preview_resolution"] == 256
+            made["preview_resolution"] = expected["preview_resolution"]
+        assert made == expected, (name, part)
 
 
 @pytest.mark.parametrize("changes, message", [

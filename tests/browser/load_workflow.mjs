@@ -40,6 +40,26 @@ function closeDialogs() {
   window.__missingNodesCalls.length = 0;
 }
 
+// In the page: where each node is and what it shows — pos, size, collapsed, the top of its image area (the
+// frontend's own rule: below the last widget), its images' natural widths and whether it plays an animation.
+function nodeGeometry() {
+  const { app, LiteGraph } = window;
+  const widgetHeight = LiteGraph?.NODE_WIDGET_HEIGHT ?? 20;
+  return app.graph._nodes.map((n) => {
+    const widgets = n.widgets ?? [];
+    let imageTop = n.computeSize()[1];
+    const last = widgets[widgets.length - 1];
+    if (last && last.last_y != null) {
+      const height = last.computeSize ? last.computeSize(n.size[0])[1] + 4 : (last.computedHeight ?? widgetHeight + 4);
+      imageTop = Math.max(imageTop, last.last_y + height);
+    }
+    return {
+      id: n.id, type: n.type, pos: [...n.pos], size: [...n.size], collapsed: Boolean(n.flags?.collapsed),
+      imageTop, images: (n.imgs ?? []).map((img) => img.naturalWidth), animated: Boolean(n.animatedImages),
+    };
+  });
+}
+
 // In the page: zoom and pan the canvas so that the whole graph shows, left of the 2024 frontend's floating menu.
 function fitGraph() {
   const { app, LiteGraph } = window;
@@ -109,6 +129,8 @@ async function main() {
     await page.waitForTimeout(500);
     findings.missing = await page.evaluate(missingNodesShown, MISSING_TEXTS);
     findings.loadedTypes = await page.evaluate(() => window.app.graph._nodes.map((n) => n.type));
+    await page.evaluate(() => window.app.canvas.draw(true, true));  // widgets learn their place when drawn
+    findings.nodesLoaded = await page.evaluate(nodeGeometry);
     // What the frontend would queue for it (API format), to compare with the workflow's API twin.
     findings.apiPrompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
 
@@ -143,6 +165,13 @@ async function main() {
       null, { timeout: 15000 }).catch(() => {});
     findings.previewImages = await page.evaluate(
       () => window.app.graph._nodes.filter((n) => n.type === "PreviewImage").map((n) => n.imgs?.length ?? 0));
+    // the nodes' own images arrive too (the optimizer's orbit renders, Export Mesh's turntable)
+    await page.waitForFunction(
+      () => window.app.graph._nodes.filter((n) => n.type.startsWith("L2VSD_") && window.app.nodeOutputs?.[n.id]?.images)
+        .every((n) => n.imgs?.length && n.imgs.every((i) => i.complete)),
+      null, { timeout: 15000 }).catch(() => {});
+    await page.evaluate(() => window.app.canvas.draw(true, true));
+    findings.nodesAfterRun = await page.evaluate(nodeGeometry);
     }  // queue
     await page.evaluate(fitGraph);
     await page.waitForTimeout(500);
