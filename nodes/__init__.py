@@ -15,6 +15,7 @@ _PACK_ROOT = str(Path(__file__).resolve().parents[1])
 if _PACK_ROOT not in sys.path:
     sys.path.append(_PACK_ROOT)
 
+from .comfy_prior_node import PriorFromCheckpoint  # noqa: E402
 from .export_node import ExportMesh  # noqa: E402
 from .model_nodes import AttachLoRAScore, LoadPrior  # noqa: E402
 from .optimize_node import L2VSDOptimize  # noqa: E402
@@ -26,6 +27,7 @@ from .scene_nodes import InitNeRF  # noqa: E402
 TYPE_ID_PREFIX = "L2VSD_"
 NODE_CLASS_MAPPINGS = {
     "L2VSD_LoadPrior": LoadPrior,
+    "L2VSD_PriorFromCheckpoint": PriorFromCheckpoint,
     "L2VSD_AttachLoRAScore": AttachLoRAScore,
     "L2VSD_InitNeRF": InitNeRF,
     "L2VSD_Optimize": L2VSDOptimize,
@@ -35,6 +37,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "L2VSD_LoadPrior": "L2VSD Load Prior",
+    "L2VSD_PriorFromCheckpoint": "L2VSD Prior from Model/CLIP/VAE",
     "L2VSD_AttachLoRAScore": "L2VSD Attach LoRA Score",
     "L2VSD_InitNeRF": "L2VSD Init NeRF",
     "L2VSD_Optimize": "L2VSD Optimize",

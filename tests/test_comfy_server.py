@@ -475,3 +475,139 @@ def test_unchanged_inputs_hit_the_cache_and_a_new_seed_reoptimizes(comfy_host):
     reseeded[OPTIMIZE]["inputs"]["seed"] = 1
     third = run(comfy_host, reseeded)
     assert OPTIMIZE in executed(third) and _progress(third)[-1] == (2, 2)
+
+
+# ------------------------------------------------------------------------------- the user's own checkpoint as prior
+SD15_SHAPED = "l2vsd_sd15_shaped.safetensors"
+TEST_LORA = "l2vsd_test_lora.safetensors"
+LORA_STRENGTHS = {"model": 1.0, "clip": 0.7}
+
+
+@pytest.fixture(scope="module")
+def sd15_shaped_files(tmp_path_factory):
+    """A small SD-1.5-shaped checkpoint (``tests/sd15_shaped.py``: a shallow UNet, the published text encoder and VAE
+    shapes, random fp16 weights) and a LoRA for it, written once per module."""
+    pytest.importorskip("diffusers")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import sd15_shaped
+
+    folder = tmp_path_factory.mktemp("sd15_shaped")
+    safetensors_torch.save_file(sd15_shaped.ldm_state_dict(seed=0), str(folder / SD15_SHAPED))
+    safetensors_torch.save_file(sd15_shaped.lora_state_dict(seed=1), str(folder / TEST_LORA))
+    return folder
+
+
+def _install_sd15_shaped(host, files: Path) -> None:
+    """The checkpoint into the host's models/checkpoints, the LoRA into models/loras (links; idempotent)."""
+    models = (host.base_directory or host.root) / "models"
+    for sub, name in (("checkpoints", SD15_SHAPED), ("loras", TEST_LORA)):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        if not (models / sub / name).exists():
+            (models / sub / name).symlink_to(files / name)
+
+
+PROBE_PROMPT = "a photo of a hamburger"
+
+
+def _probe(name: str, prior, **inputs) -> dict:
+    """The test-only probe node (``tests/comfy_probe.py``); ``inputs``: its flags, a MODEL and a CONDITIONING."""
+    return {"class_type": "L2VSDTest_PriorProbe",
+            "inputs": {"prior": prior, "name": name, "prompt": PROBE_PROMPT, "seed": 3, "check_training": False,
+                       "load_again": False, **inputs}}
+
+
+def _from_checkpoint(model, clip, vae) -> dict:
+    return {"class_type": "L2VSD_PriorFromCheckpoint",
+            "inputs": {"model": model, "clip": clip, "vae": vae, "dtype": "fp32", "device": "cpu"}}
+
+
+def _probed(host, result, name: str) -> dict:
+    import torch
+    errors = [(d["node_type"], d["exception_message"], "".join(d.get("traceback", []))[-2000:])
+              for kind, d in result["events"] if kind == "execution_error"]
+    assert not errors, errors
+    return torch.load(host.output_dir / "l2vsd_probe" / f"{name}.pt", weights_only=False)
+
+
+def test_prior_from_model_clip_vae_equals_load_prior_and_takes_lora_patches(comfy_host, sd15_shaped_files):
+    """Core Load Checkpoint → L2VSD Prior from Model/CLIP/VAE gives the prior that L2VSD Load Prior reads from the
+    same file (equal ε, text embedding, VAE decode, schedule); a core LoraLoader's patches change exactly the weights
+    they patch, by the LoRA's product (strength × alpha/rank × up·down), and the score with them, as ComfyUI's own
+    patched UNet and CLIPTextEncode compute them; CLIP Set Last Layer -2 drops a text-encoder layer, as in ComfyUI's
+    encoding; the patched prior trains (backward through the UNet) and its load_again (the separate LoRA base) is an
+    equal copy rebuilt from the ComfyUI objects. The patched run comes first and leaves ComfyUI's model loaded with the
+    LoRA: the unpatched prior built afterwards from the same (cached) loader outputs must not see it."""
+    import torch
+    from safetensors import safe_open
+    import sd15_shaped
+
+    node = comfy_host.get("/object_info")["L2VSD_PriorFromCheckpoint"]
+    assert (node["output"], node["category"], node["display_name"]) == \
+        (["L2VSD_PRIOR"], "L2VSD/model", "L2VSD Prior from Model/CLIP/VAE")
+    inputs = node["input"]["required"]
+    assert [inputs[k][0] for k in ("model", "clip", "vae")] == ["MODEL", "CLIP", "VAE"]
+    assert all(spec[1].get("tooltip") for spec in inputs.values())
+    _install_sd15_shaped(comfy_host, sd15_shaped_files)
+    loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_SHAPED}}
+    patched_graph = {
+        "1": loader,
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": TEST_LORA,
+                                                     "strength_model": LORA_STRENGTHS["model"],
+                                                     "strength_clip": LORA_STRENGTHS["clip"]}},
+        "3": _from_checkpoint(["2", 0], ["2", 1], ["1", 2]),
+        "4": _probe("lora", ["3", 0], check_training=True, load_again=True, model=["2", 0], conditioning=["10", 0]),
+        "5": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["1", 1], "stop_at_clip_layer": -2}},
+        "6": _from_checkpoint(["1", 0], ["5", 0], ["1", 2]),
+        "7": _probe("skip", ["6", 0], conditioning=["11", 0]),
+        "10": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": PROBE_PROMPT}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 0], "text": PROBE_PROMPT}},
+    }
+    patched_run = run(comfy_host, patched_graph)
+    lora, skip = _probed(comfy_host, patched_run, "lora"), _probed(comfy_host, patched_run, "skip")
+    plain_graph = {
+        "1": loader,
+        "3": _from_checkpoint(["1", 0], ["1", 1], ["1", 2]),
+        "4": _probe("comfy", ["3", 0]),
+        "8": {"class_type": "L2VSD_LoadPrior",
+              "inputs": {"source": f"checkpoints/{SD15_SHAPED}", "dtype": "fp32", "device": "cpu"}},
+        "9": _probe("file", ["8", 0]),
+    }
+    plain_run = run(comfy_host, plain_graph)
+    comfy, file = _probed(comfy_host, plain_run, "comfy"), _probed(comfy_host, plain_run, "file")
+    executed = {d["node"] for kind, d in plain_run["events"] if kind == "executing" and d.get("node")}
+    assert "1" not in executed  # the loader's outputs came from the cache: the same objects the LoRA run patched
+
+    # the same prior as the file's
+    assert (comfy["prediction_type"], comfy["image_size"], comfy["text_layers"]) == ("epsilon", 512, 12)
+    assert comfy["dtype"] == file["dtype"] == "torch.float32" and comfy["inference_weights"] == 0
+    for key in ("eps", "text", "decoded", "alphas_cumprod"):
+        torch.testing.assert_close(comfy[key], file[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name in comfy["weights"]:
+        torch.testing.assert_close(comfy["weights"][name], file["weights"][name], rtol=0, atol=0, msg=name)
+    assert comfy["eps"].abs().max() > 0.1
+
+    # the LoRA: each patched weight moved by its product, the score and embedding with them; the rest unchanged
+    lora_sd = {}
+    with safe_open(str(sd15_shaped_files / TEST_LORA), "pt") as f:
+        lora_sd = {k: f.get_tensor(k) for k in f.keys()}
+    for key, (_, diffusers_name) in sd15_shaped.LORA_TARGETS.items():
+        base = file["weights"][diffusers_name]
+        strength = LORA_STRENGTHS["clip" if key.startswith("lora_te_") else "model"]
+        expected = base + strength * sd15_shaped.lora_delta(lora_sd, key, base.shape)
+        torch.testing.assert_close(lora["weights"][diffusers_name], expected, rtol=2e-3, atol=2e-3, msg=key)
+        assert (lora["weights"][diffusers_name] - base).abs().max() > 1e-3, key
+    assert (lora["text"] - file["text"]).abs().max() > 1e-3
+    assert (lora["eps"] - file["eps"]).abs().max() > 1e-3
+    torch.testing.assert_close(lora["decoded"], file["decoded"], rtol=1e-5, atol=1e-6)  # the VAE has no patch
+    # … as ComfyUI itself runs them: its patched UNet (loaded as for sampling) and CLIPTextEncode on the LoRA's CLIP
+    torch.testing.assert_close(lora["comfy_eps"], lora["eps"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lora["comfy_text"][0], lora["text"][0], rtol=1e-4, atol=1e-4)
+    assert lora["grad_finite"] and lora["inference_weights"] == 0
+    torch.testing.assert_close(lora["eps_again"], lora["eps"], rtol=1e-5, atol=1e-6)
+    assert not lora["again_shares_weights"]
+    assert "2 UNet and 1 text-encoder weights patched" in lora["source"]
+
+    # CLIP Set Last Layer -2: one text-encoder layer less, the same UNet
+    assert skip["text_layers"] == 11 and (skip["text"] - file["text"]).abs().max() > 1e-3
+    torch.testing.assert_close(skip["comfy_text"][0], skip["text"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(skip["weights"], file["weights"], rtol=0, atol=0)

@@ -170,6 +170,7 @@ def _registry():
 # Display names are what users see and search for: the prefixed type ids must not change them.
 DISPLAY_NAMES = {
     "L2VSD_LoadPrior": "L2VSD Load Prior",
+    "L2VSD_PriorFromCheckpoint": "L2VSD Prior from Model/CLIP/VAE",
     "L2VSD_AttachLoRAScore": "L2VSD Attach LoRA Score",
     "L2VSD_InitNeRF": "L2VSD Init NeRF",
     "L2VSD_Optimize": "L2VSD Optimize",

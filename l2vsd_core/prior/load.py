@@ -9,7 +9,11 @@ Formats
   LDM key layout (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``).  The model configs
   ship with this package under ``configs/sd15`` and ``configs/sd21`` (nothing is fetched); diffusers' own LDM→diffusers
   key converters (``diffusers.loaders.single_file_utils``) map the weights, and every component is loaded strictly
-  (a missing or unexpected key is an error, not a silently random weight).
+  (a missing or unexpected key is an error, not a silently random weight).  The UNet's architecture (levels, channels,
+  blocks per level, attention depth, projection kind) is read from the weights on top of the shipped config, as
+  ComfyUI's model detection does: the published layouts give the shipped configs unchanged, and shallower SD-shaped
+  UNets load too.  ``load_prior_from_state_dict`` converts such weights already in memory (e.g. taken from ComfyUI's
+  loaded models, with a schedule and CLIP skip of the caller's).
   SD 1 vs SD 2 is read from the cross-attention width (768 vs 1024) and confirmed by the text-encoder layout
   (``cond_stage_model.transformer`` = OpenAI CLIP vs ``cond_stage_model.model`` = OpenCLIP).  ε vs v: an explicit
   ``prediction_type`` wins; else a ``v_pred`` key in the file (ComfyUI writes one) means v; SD 1.x is ε; for SD 2.x the
@@ -260,6 +264,33 @@ def infer_prediction_type(state_dict: dict, family: str, default: Optional[str] 
 
 def _load_single_file(path: Path, state_dict: dict, device, dtype, prediction_type, tokenizer_dir,
                       config_dir) -> DiffusionPrior:
+    return load_prior_from_state_dict(state_dict, device, dtype, prediction_type, name=path.stem, where=str(path),
+                                      tokenizer_dir=tokenizer_dir, config_dir=config_dir)
+
+
+def load_prior_from_state_dict(state_dict: dict, device: Union[str, torch.device] = "auto",
+                               dtype: Union[str, torch.dtype] = "auto", prediction_type: Optional[str] = None, *,
+                               name: str = "checkpoint", where: Optional[str] = None,
+                               tokenizer_dir: Optional[PathLike] = None, config_dir: Optional[PathLike] = None,
+                               scheduler_config: Optional[dict] = None,
+                               text_layers: Optional[int] = None) -> DiffusionPrior:
+    """A :class:`DiffusionPrior` from an in-memory state dict in the single-file LDM layout (what an SD 1.x/2.x
+    ``.safetensors`` holds, and what ComfyUI's checkpoint save writes): the conversion :func:`load_prior` applies to
+    such a file, without the file.  The dict is read, not changed; its tensors may end up shared with the prior's
+    modules (same device and dtype), so pass copies that nothing else writes to.
+
+    ``name``: the prior's name; ``where``: how errors name the source (default ``name``).  Without ``config_dir``
+    the UNet's architecture (levels, channels, blocks per level, attention) is read from the weights on top of the
+    family's shipped config, so shallower or narrower SD-shaped UNets load too.  ``scheduler_config``: the noise
+    schedule to use instead of the family's (e.g. :func:`scheduler_config_from_alphas_cumprod` of the schedule a
+    host application samples with).  ``text_layers``: how many text-encoder layers to run (CLIP skip: SD 1.x's
+    12 - 1 for "the penultimate layer"; default: the family's, 12 for SD 1.x and 23 for SD 2.x).  Other arguments
+    as for :func:`load_prior`."""
+    if prediction_type is not None:
+        check_prediction_type(prediction_type)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    where = where or name
     if config_dir is None:
         family = detect_family(state_dict)
         configs = CONFIG_ROOT / family
@@ -277,41 +308,158 @@ def _load_single_file(path: Path, state_dict: dict, device, dtype, prediction_ty
         config_default_pred = json.loads((configs / "scheduler" / "scheduler_config.json").read_text(
             encoding="utf-8")).get("prediction_type")
     if not any(k.startswith(VAE_PREFIX) for k in state_dict):
-        raise ValueError(f"{str(path)!r} has no VAE weights ('{VAE_PREFIX}*'); only full SD checkpoints are supported")
+        raise ValueError(f"{where!r} has no VAE weights ('{VAE_PREFIX}*'); only full SD checkpoints are supported")
     text_prefix = CLIP_PREFIX if family == "sd15" else OPEN_CLIP_PREFIX
     if not any(k.startswith(text_prefix) for k in state_dict):
-        raise ValueError(f"{str(path)!r} has no text encoder weights ('{text_prefix}*'); only full SD checkpoints "
+        raise ValueError(f"{where!r} has no text encoder weights ('{text_prefix}*'); only full SD checkpoints "
                          f"are supported")
     in_key = UNET_PREFIX + "input_blocks.0.0.weight"
     if in_key in state_dict and int(state_dict[in_key].shape[1]) != 4 and config_dir is None:
         raise ValueError(f"the UNet takes {int(state_dict[in_key].shape[1])} input channels (an inpainting or other "
                          f"special model); only 4-channel text-to-image checkpoints are supported")
 
-    scheduler_config = json.loads((configs / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    if scheduler_config is None:
+        scheduler_config = json.loads((configs / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     if prediction_type is None:
         prediction_type = infer_prediction_type(state_dict, family, config_default_pred)
-    unet, vae, text_encoder = build_components_from_ldm(state_dict, configs, family, dtype, str(path))
+    unet_config = None
+    if config_dir is None:
+        from diffusers import UNet2DConditionModel
+        unet_config = infer_unet_config(
+            state_dict, UNet2DConditionModel.load_config(str(configs), subfolder="unet", local_files_only=True), where)
+    unet, vae, text_encoder = build_components_from_ldm(state_dict, configs, family, dtype, where,
+                                                        unet_config=unet_config, text_layers=text_layers)
     if config_dir is None and family == "sd21":  # 2.x-v models are trained at 768², 2.x-base at 512²
         unet.register_to_config(sample_size=96 if prediction_type == "v_prediction" else 64)
     tokenizer = _tokenizer_from_dir(tokenizer_dir) if tokenizer_dir is not None else \
         _shipped_or_config_tokenizer(configs)
     return DiffusionPrior(unet, scheduler_config, text_encoder, tokenizer, vae=vae, prediction_type=prediction_type,
-                          device=device, dtype=dtype, name=path.stem)
+                          device=device, dtype=dtype, name=name)
+
+
+def shipped_scheduler_config(family: str) -> dict:
+    """The noise schedule (a diffusers scheduler config) shipped for ``family``: ``"sd15"`` or ``"sd21"``."""
+    if family not in FAMILIES.values():
+        raise ValueError(f"family must be one of {', '.join(FAMILIES.values())}; got {family!r}")
+    return json.loads((CONFIG_ROOT / family / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+
+
+def scheduler_config_from_alphas_cumprod(alphas_cumprod, base: dict, rtol: float = 1e-4) -> dict:
+    """A scheduler config whose ᾱ_t is ``alphas_cumprod`` (T values): ``base`` itself when its own schedule gives
+    the same ᾱ (within ``rtol``; the usual case), else ``base`` with ``trained_betas``
+    (β_t = 1 - ᾱ_t / ᾱ_{t-1}), e.g. for a zero-terminal-SNR rescaled schedule."""
+    from .model import alphas_cumprod_from_scheduler_config
+
+    alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().cpu()
+    valid = alphas.numel() >= 2 and bool(((alphas > 0) & (alphas <= 1)).all()) and \
+        bool((alphas[1:] <= alphas[:-1]).all())
+    if not valid:
+        raise ValueError(f"not a diffusion schedule: ᾱ must decrease within (0, 1] over at least 2 steps; got "
+                         f"{alphas.numel()} values from {float(alphas[0]) if alphas.numel() else 'none'}")
+    own = alphas_cumprod_from_scheduler_config(base).double()
+    if own.shape == alphas.shape and torch.allclose(own, alphas, rtol=rtol, atol=0.0):
+        return dict(base)
+    betas = 1.0 - alphas / torch.cat([torch.ones(1, dtype=alphas.dtype), alphas[:-1]])
+    config = {k: v for k, v in base.items() if k not in ("beta_start", "beta_end", "beta_schedule",
+                                                         "rescale_betas_zero_snr")}
+    config.update(num_train_timesteps=int(alphas.numel()), trained_betas=[float(b) for b in betas])
+    return config
+
+
+def infer_unet_config(state_dict: dict, base: dict, where: str = "checkpoint") -> dict:
+    """``base`` (a diffusers ``UNet2DConditionModel`` config, e.g. the family's shipped one) with the architecture
+    read from an LDM-layout UNet (``model.diffusion_model.*``): input/output channels, the channels and number of
+    residual blocks of each level, which levels have cross-attention and how deep, the cross-attention width and
+    projection kind.  For the published SD 1.x/2.x layouts this is ``base`` unchanged; a shallower SD-shaped UNet
+    (fewer levels or blocks, as ComfyUI's model detection also accepts) gets its own values.  Heads: a per-level
+    list in ``base`` (SD 2.x: fixed 64 channels per head) is recomputed for the new levels; a single number (SD 1.x:
+    8 heads) is kept."""
+    p = UNET_PREFIX
+    conv_in = state_dict.get(p + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise ValueError(f"{where}: unrecognised UNet layout: missing {p + 'input_blocks.0.0.weight'!r}")
+    indices = sorted({int(k[len(p + "input_blocks."):].split(".")[0]) for k in state_dict
+                      if k.startswith(p + "input_blocks.")})
+    levels: list[list] = [[]]  # per level: (channels, transformer depth) of each residual block
+    for i in indices[1:]:
+        block = f"{p}input_blocks.{i}."
+        if block + "0.op.weight" in state_dict:
+            levels.append([])
+        elif block + "0.out_layers.3.weight" in state_dict:
+            levels[-1].append((int(state_dict[block + "0.out_layers.3.weight"].shape[0]),
+                               _transformer_depth(state_dict, block + "1.")))
+        else:
+            raise ValueError(f"{where}: unrecognised UNet layout: input block {i} is neither a residual block nor a "
+                             f"downsampler")
+    if any(not level for level in levels):
+        raise ValueError(f"{where}: unrecognised UNet layout: a level without residual blocks")
+    counts = {len(level) for level in levels}
+    if len(counts) != 1:
+        raise ValueError(f"{where}: the UNet's levels have different numbers of residual blocks "
+                         f"({[len(level) for level in levels]}); only a uniform layers_per_block is supported")
+    channels, depths = [], []
+    for n, level in enumerate(levels):
+        if len({c for c, _ in level}) != 1 or len({d for _, d in level}) != 1:
+            raise ValueError(f"{where}: the residual blocks of UNet level {n} differ in width or attention: {level}")
+        channels.append(level[0][0])
+        depths.append(level[0][1])
+    mid_depth = _transformer_depth(state_dict, p + "middle_block.1.")
+    if mid_depth == 0:
+        raise ValueError(f"{where}: the UNet's middle block has no cross-attention; only SD-style UNets (a "
+                         f"transformer in the middle block) are supported")
+    attention = [d for d in depths if d > 0] + [mid_depth]
+    first = next((f"{p}{block}.1." for block in [f"input_blocks.{i}" for i in indices] + ["middle_block"]
+                  if f"{p}{block}.1.proj_in.weight" in state_dict), None)
+    config = dict(base)
+    config.update(
+        in_channels=int(conv_in.shape[1]),
+        out_channels=int(state_dict[p + "out.2.weight"].shape[0]) if p + "out.2.weight" in state_dict
+        else int(conv_in.shape[1]),
+        block_out_channels=list(channels), layers_per_block=counts.pop(),
+        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)],
+        cross_attention_dim=int(state_dict[first + "transformer_blocks.0.attn2.to_k.weight"].shape[1]),
+        use_linear_projection=state_dict[first + "proj_in.weight"].dim() == 2)
+    if set(attention) != {1}:
+        # diffusers: one depth per level (up blocks mirrored); the middle block takes the last level's
+        if depths[-1] and depths[-1] != mid_depth:
+            raise ValueError(f"{where}: the UNet's middle block has {mid_depth} transformer layers and its last level "
+                             f"{depths[-1]}; only equal depths are supported")
+        config["transformer_layers_per_block"] = [d or 1 for d in depths[:-1]] + [depths[-1] or mid_depth]
+    heads = base.get("attention_head_dim")
+    if isinstance(heads, (list, tuple)) and list(channels) != list(base.get("block_out_channels", [])):
+        per_head = int(base["block_out_channels"][0]) // int(heads[0])
+        config["attention_head_dim"] = [max(1, c // per_head) for c in channels]
+    return config
+
+
+def _transformer_depth(state_dict: dict, prefix: str) -> int:
+    """How many ``transformer_blocks`` the spatial transformer at ``prefix`` (``….1.``) has; 0 if none."""
+    if prefix + "proj_in.weight" not in state_dict:
+        return 0
+    depth = 0
+    while f"{prefix}transformer_blocks.{depth}.attn2.to_k.weight" in state_dict:
+        depth += 1
+    return depth
 
 
 def build_components_from_ldm(state_dict: dict, configs: PathLike, family: str, dtype: torch.dtype = torch.float32,
-                              where: str = "checkpoint"):
+                              where: str = "checkpoint", *, unet_config: Optional[dict] = None,
+                              text_layers: Optional[int] = None):
     """(unet, vae, text_encoder) from an LDM-layout state dict and a diffusers-layout config folder, each loaded
     strictly (every weight present, none left over, shapes equal).  ``family`` picks the text-encoder layout:
     ``"sd15"`` (OpenAI CLIP, HF keys) or ``"sd21"`` (OpenCLIP, penultimate layer).  Models are built on the meta
-    device and take the checkpoint's tensors (cast to ``dtype``), so nothing is randomly initialised first."""
+    device and take the checkpoint's tensors (cast to ``dtype``), so nothing is randomly initialised first.
+    ``unet_config``: the UNet's config instead of ``configs/unet`` (see :func:`infer_unet_config`);
+    ``text_layers``: how many text-encoder layers to keep instead of the config's (CLIP skip)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = str(configs)
-    unet_config = UNet2DConditionModel.load_config(configs, subfolder="unet", local_files_only=True)
+    if unet_config is None:
+        unet_config = UNet2DConditionModel.load_config(configs, subfolder="unet", local_files_only=True)
     _refuse_unsupported_unet(unet_config, where)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -323,16 +471,24 @@ def build_components_from_ldm(state_dict: dict, configs: PathLike, family: str, 
     _load_strict(vae, convert_ldm_vae_checkpoint(state_dict, vae.config), "VAE", where, dtype)
 
     text_config = CLIPTextConfig.from_pretrained(str(Path(configs) / "text_encoder"), local_files_only=True)
+    if text_layers is not None:
+        _check_text_layers(state_dict, family, int(text_layers), where)
+        text_config.num_hidden_layers = int(text_layers)
     with torch.device("meta"):
         text_encoder = CLIPTextModel(text_config)
     if family == "sd15":
         text_sd = convert_ldm_clip_checkpoint(state_dict)
     else:
-        text_sd = convert_open_clip_checkpoint(text_encoder, state_dict, prefix=OPEN_CLIP_PREFIX)
-        # SD 2.x uses OpenCLIP's penultimate layer: the diffusers text encoder has one layer less than the file.
-        n_layers = text_config.num_hidden_layers
-        text_sd = {k: v for k, v in text_sd.items()
-                   if not (".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= n_layers)}
+        # diffusers' converter skips the file's 24th OpenCLIP layer by its full key name (SD 2.x runs the penultimate
+        # layer); under another prefix every layer converts, and CLIP skip may then ask for all of them
+        renamed = {"open_clip." + k[len(OPEN_CLIP_PREFIX):]: v for k, v in state_dict.items()
+                   if k.startswith(OPEN_CLIP_PREFIX)}
+        text_sd = convert_open_clip_checkpoint(text_encoder, renamed, prefix="open_clip.")
+    # SD 2.x uses OpenCLIP's penultimate layer: the diffusers text encoder has one layer less than the file; CLIP
+    # skip (text_layers) drops more (or, for SD 2.x, none).
+    n_layers = text_config.num_hidden_layers
+    text_sd = {k: v for k, v in text_sd.items()
+               if not (".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= n_layers)}
     own = set(text_encoder.state_dict())
     text_sd = {_strip_text_model(k, own): v for k, v in text_sd.items()}
     # position_ids is a constant buffer; some merged SD 1.x checkpoints carry a corrupted (float) copy of it.
@@ -343,6 +499,17 @@ def build_components_from_ldm(state_dict: dict, configs: PathLike, family: str, 
     for module in (unet, vae, text_encoder):
         module.eval()
     return unet, vae, text_encoder
+
+
+def _check_text_layers(state_dict: dict, family: str, text_layers: int, where: str) -> None:
+    prefix, block = (CLIP_PREFIX + "text_model.encoder.layers.", "self_attn.q_proj.weight") if family == "sd15" else \
+        (OPEN_CLIP_PREFIX + "transformer.resblocks.", "attn.in_proj_weight")
+    available = 0
+    while f"{prefix}{available}.{block}" in state_dict:
+        available += 1
+    if not 1 <= text_layers <= available:
+        raise ValueError(f"{where}: text_layers={text_layers}, but the text encoder has {available} layers; pick "
+                         f"1…{available}")
 
 
 def _strip_text_model(key: str, own: set) -> str:
