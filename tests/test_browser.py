@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BROWSER_DIR = ROOT / "tests" / "browser"
 SCRIPT = BROWSER_DIR / "load_workflow.mjs"
 UI_WORKFLOW = ROOT / "workflows" / "toy_demo.json"
-API_WORKFLOW = ROOT / "workflows" / "toy_demo.api.json"
+API_WORKFLOW = ROOT / "workflows" / "api" / "toy_demo.api.json"
 DOCS_SCREENSHOT = ROOT / "docs" / "comfyui" / "toy_demo.png"
 RUN_TIMEOUT_S = 240
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}  # the extra widget value after a seed
@@ -163,7 +163,7 @@ def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
     assert found["control"]["shown"] and not found["missing"]["shown"], found["missing"]
     assert sorted(found["loadedTypes"]) == sorted(n["type"] for n in json.loads(source.read_text())["nodes"])
     assert not found["pageErrors"], found["pageErrors"]
-    api = json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
+    api = json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text())
     queued = {node_id: (node["class_type"], node["inputs"]) for node_id, node in found["apiPrompt"].items()}
     assert queued == {node_id: (node["class_type"], node["inputs"]) for node_id, node in api.items()}
     check_layout(comfy_host.name, json.loads(source.read_text()), found["nodesLoaded"])

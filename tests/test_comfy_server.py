@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from comfy_host import HOST_2024
+from comfy_host import HOST_2024, PACK_FOLDER
 
 # the session fixture comfy_host, registered once as a plugin: test modules that import it each get their own
 # fixture, hence their own servers
@@ -23,9 +26,9 @@ pytest_plugins = ["comfy_host"]
 aiohttp = pytest.importorskip("aiohttp")
 
 ROOT = Path(__file__).resolve().parents[1]
-API_WORKFLOW = ROOT / "workflows" / "toy_demo.api.json"
+API_WORKFLOW = ROOT / "workflows" / "api" / "toy_demo.api.json"
 UI_WORKFLOW = ROOT / "workflows" / "toy_demo.json"
-THREE_STAGE_API = ROOT / "workflows" / "toy_three_stage.api.json"
+THREE_STAGE_API = ROOT / "workflows" / "api" / "toy_three_stage.api.json"
 NODES = {"L2VSD_LoadPrior": "L2VSD_PRIOR", "L2VSD_AttachLoRAScore": "L2VSD_SCORE", "L2VSD_InitNeRF": "L2VSD_SCENE",
          "L2VSD_Optimize": "L2VSD_SCENE", "L2VSD_RefineGeometry": "L2VSD_MESH", "L2VSD_RefineTexture": "L2VSD_MESH",
          "L2VSD_ExportMesh": "STRING"}
@@ -397,12 +400,39 @@ def test_export_mesh_path_feeds_core_preview3d(comfy_host):
     assert model_file == f"{mesh_info['subfolder']}/{mesh_info['filename']}"
 
 
-@pytest.mark.parametrize("name", sorted(p.name[:-len(".api.json")] for p in (ROOT / "workflows").glob("*.api.json")))
+def ui_workflow_names() -> list:
+    """The bundled UI workflows: what ComfyUI lists as this pack's templates (``workflows/*.json``, not recursive)."""
+    return sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+
+
+def test_workflow_templates_are_the_ui_workflows_with_jpeg_thumbnails(comfy_host):
+    """A current ComfyUI lists ``<pack>/workflows/*.json`` under the pack's folder name (Templates → Extensions) and
+    serves the folder at ``/api/workflow_templates/<pack>/``, where the frontend takes each template's ``<name>.json``
+    and its thumbnail ``<name>.jpg``: exactly the UI workflows are listed (their API twins in ``workflows/api/`` are
+    not), and each one's JSON and JPEG thumbnail are served."""
+    if comfy_host.name == HOST_2024:
+        pytest.skip("the 2024 host has no workflow templates (no /workflow_templates, no Templates panel)")
+    names = ui_workflow_names()
+    assert names and not any(name.endswith(".api") for name in names)
+    templates = comfy_host.get("/workflow_templates")
+    assert sorted(templates.get(PACK_FOLDER, [])) == names, templates
+    for name in names:
+        base = f"{comfy_host.url}/api/workflow_templates/{PACK_FOLDER}/{name}"
+        with urllib.request.urlopen(base + ".json", timeout=30) as response:
+            assert response.status == 200
+            assert json.loads(response.read()) == json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg", name
+            image = Image.open(io.BytesIO(response.read()))
+            assert image.format == "JPEG" and min(image.size) > 0, name
+
+
+@pytest.mark.parametrize("name", sorted(p.name[:-len(".api.json")] for p in (ROOT / "workflows" / "api").glob("*.api.json")))
 def test_every_bundled_workflow_matches_the_installed_nodes(comfy_host, name):
     """UI and API twins agree (node types, widget values in input order); the server accepts the API twin's every
     input except a Stable Diffusion checkpoint that is not installed here (then only LoadPrior's `source` is
     refused)."""
-    api = json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
+    api = json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text())
     ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
     assert sorted(n["class_type"] for n in api.values()) == sorted(n["type"] for n in ui["nodes"])
     for node in ui["nodes"]:

@@ -211,7 +211,7 @@ def test_an_old_api_graph_without_the_new_inputs_calls_the_node():
 
 def _api(name: str) -> dict:
     return {node["class_type"]: node["inputs"]
-            for node in json.loads((ROOT / "workflows" / f"{name}.api.json").read_text()).values()}
+            for node in json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text()).values()}
 
 
 def _workflow_config(name: str):

@@ -93,7 +93,7 @@ def test_defaults_are_the_library_recipes():
 
 def _api(name: str) -> dict:
     return {node["class_type"]: node["inputs"]
-            for node in json.loads((ROOT / "workflows" / f"{name}.api.json").read_text()).values()}
+            for node in json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text()).values()}
 
 
 def _widgets(inputs: dict, *skip) -> dict:
@@ -174,7 +174,7 @@ def test_refine_timestep_inputs_are_checked_and_named(changes, message):
 
 
 def test_sd21_three_stage_has_prolificdreamers_settings():
-    api = json.loads((ROOT / "workflows" / "sd21_three_stage.api.json").read_text())
+    api = json.loads((ROOT / "workflows" / "api" / "sd21_three_stage.api.json").read_text())
     by_class = {node["class_type"]: node["inputs"] for node in api.values()}
     geometry, texture, score = (by_class["L2VSD_RefineGeometry"], by_class["L2VSD_RefineTexture"],
                                 by_class["L2VSD_AttachLoRAScore"])
@@ -184,7 +184,7 @@ def test_sd21_three_stage_has_prolificdreamers_settings():
     assert texture["method"] == FROM_SCORE and score["method"] in ("vsd", "l2vsd") and score["guidance_scale"] == 7.5
     texture_id = next(k for k, n in api.items() if n["class_type"] == "L2VSD_RefineTexture")
     assert by_class["L2VSD_ExportMesh"]["mesh"] == [texture_id, 0]
-    toy = json.loads((ROOT / "workflows" / "toy_three_stage.api.json").read_text())
+    toy = json.loads((ROOT / "workflows" / "api" / "toy_three_stage.api.json").read_text())
     assert {n["class_type"] for n in toy.values()} == {n["class_type"] for n in api.values()}
     toy_prior = next(n for n in toy.values() if n["class_type"] == "L2VSD_LoadPrior")
     assert toy_prior["inputs"]["source"].startswith("bundled")
@@ -276,6 +276,6 @@ def test_init_nerf_background_choice():
     assert torch.equal(scene.background(torch.randn(5, 3)), torch.ones(5, 3))
     with pytest.raises(Exception, match="background"):
         InitNeRF().init(**small, background="plaid")
-    for path in sorted((ROOT / "workflows").glob("*.api.json")):
+    for path in sorted((ROOT / "workflows" / "api").glob("*.api.json")):
         inits = [n for n in json.loads(path.read_text()).values() if n["class_type"] == "L2VSD_InitNeRF"]
         assert [n["inputs"]["background"] for n in inits] == ["white" if path.name.startswith("toy") else "learned"]

@@ -103,7 +103,7 @@ def test_no_two_bundled_stages_share_a_folder():
     """Each optimizing node of each bundled workflow has its own folder, ``l2vsd/<workflow>/<stage>``: a workflow
     queued with resume on continues its own run, never a stage or another workflow that ran before it."""
     seen = {}
-    for path in sorted((ROOT / "workflows").glob("*.api.json")):
+    for path in sorted((ROOT / "workflows" / "api").glob("*.api.json")):
         name = path.name[:-len(".api.json")]
         for node in json.loads(path.read_text()).values():
             if node["class_type"] in STAGES:

@@ -203,7 +203,7 @@ def _workflow_types(path: Path) -> list:
     return types
 
 
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted([*(ROOT / "workflows").glob("*.json"), *(ROOT / "workflows" / "api").glob("*.json")])
 CORE_NODES = {"PreviewImage"}  # the core nodes the bundled workflows use
 
 
@@ -216,3 +216,26 @@ def test_bundled_workflows_name_only_registered_type_ids(path):
     assert set(ours) <= set(classes), f"{path.name}: not registered: {sorted(set(ours) - set(classes))}"
     # every other node is one of ComfyUI's core nodes: a misspelt or unprefixed id of ours fails here
     assert set(types) - set(ours) <= CORE_NODES, sorted(set(types) - set(ours))
+
+
+# ComfyUI (v0.3.64, app/custom_node_manager.py) lists a pack's templates as ``<pack>/<folder>/*.json`` for the folder
+# names below, without recursing; frontend 1.58.1 shows ``<name>.jpg`` from the same folder as the thumbnail.
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def test_the_template_list_holds_the_ui_workflows_each_with_a_thumbnail():
+    from PIL import Image
+
+    listed = sorted(p for folder in TEMPLATE_FOLDERS for p in (ROOT / folder).glob("*.json"))
+    assert listed, "no template folder"
+    for path in listed:
+        graph = json.loads(path.read_text())
+        assert isinstance(graph, dict) and "nodes" in graph and "links" in graph, \
+            f"{path.name} is not a UI workflow: ComfyUI would list it as a template that cannot open"
+        thumbnail = path.with_suffix(".jpg")
+        assert thumbnail.is_file(), f"{path.name} has no thumbnail {thumbnail.name}"
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and min(image.size) >= 256
+    # the API twins stay bundled (the tests run them), out of the list
+    twins = sorted((ROOT / "workflows" / "api").glob("*.api.json"))
+    assert [p.name[:-len(".api.json")] for p in twins] == [p.stem for p in listed]

@@ -182,14 +182,14 @@ def _check_input(inputs: dict, key: str, expected, name: str, node: str):
 
 
 def _workflow_params():
-    return [pytest.param(name, marks=pytest.mark.skipif(not (ROOT / "workflows" / f"{name}.api.json").is_file(),
-                                                        reason=f"workflows/{name}.api.json not present"))
+    return [pytest.param(name, marks=pytest.mark.skipif(not (ROOT / "workflows" / "api" / f"{name}.api.json").is_file(),
+                                                        reason=f"workflows/api/{name}.api.json not present"))
             for name in SD_WORKFLOWS]
 
 
 @pytest.mark.parametrize("name", _workflow_params())
 def test_sd_workflow_is_the_recipe(name):
-    workflow = json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
+    workflow = json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text())
     hifa = name == "sd21_l2hifa"
     widths, milestones = _recipe("nerf.widths"), _recipe("nerf.resolution_milestones")
     guidance = _recipe("nerf.distill.guidance_scale")
