@@ -31,7 +31,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The main job on the bundled default: "a red cube" → L²-VSD on the bundled toy prior → GLB, turntable, curves,
-# metrics in out/demo.
+# metrics in out/demo (metrics.json: the field's scores, and mesh_iou, the GLB's silhouette IoU against the volume
+# renders from the turntable's cameras).
 demo: $(VENV)/.installed
 	$(PY) -m l2vsd_core.toys.world.demo --prompt "a red cube" --method l2vsd --out out/demo
 

@@ -622,7 +622,7 @@ def _build_options() -> list:
         # export
         _o("mesh_resolution", "export.mesh_resolution", "int", "marching-cubes grid"),
         _o("threshold", ("export.threshold", "geometry.isosurface_threshold"), "threshold",
-           "density level of the surface (export; with --stages 2/3 the DMTet initialisation), or auto"),
+           "density level of the surface (export; with --stages 2/3 the DMTet initialisation), or auto: the export's render-matched level, the DMTet's threestudio mean of the non-empty densities"),
         _o("max_faces", "export.max_faces", "int", "decimate to at most this many faces before UV unwrapping"),
         _o("texture_size", "export.texture_size", "int"),
         _o("turntable_views", "export.turntable_views", "int"),

@@ -5,7 +5,8 @@ and what each ComfyUI node calls once.
 ``optimize_nerf``   stage 1 on a given field, background and renderer (:class:`~l2vsd_core.stages.NerfStage`)
 ``refine_geometry`` stage 2: a DMTet from the stage-1 density, refined on normal maps; → its final mesh
 ``refine_texture``  stage 3: a fresh colour field and background on the fixed mesh
-``export_nerf``     iso-surface → decimation → UV atlas + baked texture → GLB/OBJ/PLY
+``export_nerf``     iso-surface (cleaned, at the render-matched level) → decimation → UV atlas + baked texture →
+                    GLB/OBJ/PLY
 ``export_refined``  a refined mesh → decimation → UV atlas + baked texture (colour field) → GLB/OBJ
 ``write_turntable`` an orbit GIF of either
 ==================  ===========================================================================================
@@ -24,7 +25,13 @@ from . import build
 from .config import ExportConfig, GeometryConfig, LoRAConfig, NerfConfig, SceneConfig, BackgroundSettings, TextureConfig
 from .runner import Hooks, StageRun, eval_mode, run_stage, stage_files
 
-__all__ = ["optimize_nerf", "refine_geometry", "refine_texture", "export_nerf", "export_refined", "write_turntable"]
+__all__ = ["optimize_nerf", "refine_geometry", "refine_texture", "export_nerf", "export_refined", "write_turntable",
+           "TEXELS_PER_FACE"]
+
+#: ``export_nerf`` decimates the iso-surface to at most ``texture_size² / TEXELS_PER_FACE`` faces (and ``max_faces``):
+#: a face smaller than a few texels gets no texel of its own, and its corners read the neighbouring UV charts' colours
+#: or the fill (the grid fitted to the object gives four times the faces of the box's grid at one resolution).
+TEXELS_PER_FACE = 8
 
 
 def optimize_nerf(prior, prompts, field, background, renderer, config: NerfConfig, lora: LoRAConfig, folder,
@@ -76,7 +83,9 @@ def refine_texture(prior, prompts, mesh, scene: SceneConfig, background: Backgro
 
 
 def export_nerf(field, export: ExportConfig, path, format: Optional[str] = None, log=lambda m: None):
-    """The stage-1 field's iso-surface, decimated, UV-unwrapped, baked and written (GLB/OBJ y up, PLY z up:
+    """The stage-1 field's iso-surface (:func:`l2vsd_core.export.extract_mesh`: a grid fitted to the object, the
+    density cleaned of needles and cell-scale lumps, meshed at the level where its silhouettes match the volume
+    renders' for ``threshold="auto"``), decimated (to ``max_faces`` and :data:`TEXELS_PER_FACE`), UV-unwrapped, baked and written (GLB/OBJ y up, PLY z up:
     :func:`l2vsd_core.export.save_mesh`); → the ``trimesh.Trimesh``, in world axes (z up).  ``ValueError`` ("no
     surface") when the density never reaches the threshold."""
     import time
@@ -86,9 +95,15 @@ def export_nerf(field, export: ExportConfig, path, format: Optional[str] = None,
     t0 = time.perf_counter()
     with eval_mode(field):
         mesh = extract_mesh(field, resolution=export.mesh_resolution, threshold=export.threshold)
-        if len(mesh.faces) > export.max_faces:
-            log(f"decimating the isosurface from {len(mesh.faces)} to {export.max_faces} faces")
-            mesh = decimate(mesh, export.max_faces)
+        matched = mesh.metadata.get("render_match_iou")
+        log(f"isosurface at density {mesh.metadata['isosurface_threshold']:.4g}"
+            + (f" (render-matched: silhouette IoU {matched:.3f} over the calibration rays)" if matched is not None
+               else ""))
+        budget = max(4, min(export.max_faces, export.texture_size ** 2 // TEXELS_PER_FACE))
+        if len(mesh.faces) > budget:
+            log(f"decimating the isosurface from {len(mesh.faces)} to {budget} faces (max_faces {export.max_faces}, "
+                f"{TEXELS_PER_FACE} texels a face of the {export.texture_size}² texture)")
+            mesh = decimate(mesh, budget)
         mesh = bake_texture(mesh, field, texture_size=export.texture_size)
         save_mesh(mesh, path, format=format, field=field)
     log(f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces ({time.perf_counter() - t0:.1f} s)")

@@ -30,7 +30,7 @@ def parse_threshold(text: str):
         value = math.nan
     if not math.isfinite(value):
         raise input_error("threshold", f"{text!r} is neither 'auto' nor a number",
-                          "write 'auto' (mean of the non-empty densities) or a density such as 10")
+                          "write 'auto' (the level whose mesh silhouettes match the volume renders) or a density such as 10")
     return value
 
 
@@ -61,8 +61,8 @@ class ExportMesh:
             "mesh_resolution": ("INT", {"default": 128, "min": 8, "max": 1024,
                                         "tooltip": "Marching-cubes grid size (scene only; toy demo: 64)."}),
             "threshold": ("STRING", {"default": "auto",
-                                     "tooltip": "Density level of the surface (scene only): 'auto' (mean of the "
-                                                "non-empty densities, threestudio's rule) or a number."}),
+                                     "tooltip": "Density level of the surface (scene only): 'auto' (the level whose "
+                                                "mesh silhouettes match the volume renders) or a number."}),
             "max_faces": ("INT", {"default": 200000, "min": 4, "max": 10000000,
                                   "tooltip": "Decimate the surface to at most this many faces before UV "
                                              "unwrapping."}),

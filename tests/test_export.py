@@ -54,7 +54,8 @@ def ball_mesh():
 
 @pytest.fixture(scope="module")
 def baked(ball_mesh):
-    return ex.bake_texture(ball_mesh, BallField(), texture_size=256, padding=4)
+    # decimated as export_nerf does (pipeline.TEXELS_PER_FACE): smaller faces than a few texels read their neighbours
+    return ex.bake_texture(ex.decimate(ball_mesh, 256 * 256 // 8), BallField(), texture_size=256, padding=4)
 
 
 def _no_tmp(folder):
@@ -73,28 +74,222 @@ def test_extract_sphere(ball_mesh):
 
 
 @needs_mc
-def test_auto_threshold_and_chunking():
+def test_mean_threshold_and_chunking():
     field = BallField()
-    mesh = ex.extract_mesh(field, resolution=48, threshold="auto", chunk=1000)
+    mesh = ex.extract_mesh(field, resolution=48, threshold="mean", chunk=1000)
     level = mesh.metadata["isosurface_threshold"]
-    # threestudio's rule: mean of the positive densities on the grid
+    # threestudio's rule: mean of the positive densities on the grid over the field's box
     g = torch.linspace(-1, 1, 48)
     pts = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
     d = field.density(pts)
     assert level == pytest.approx(float(d[d > 1e-5].mean()), rel=1e-4)
+    assert mesh.metadata["isosurface_rule"] == "mean"
     norms = np.linalg.norm(mesh.vertices, axis=1)
     assert np.all((norms > 0.44) & (norms < 0.56))  # inside the density ramp
     assert mesh.is_watertight
 
 
+class GaussianBlob(torch.nn.Module):
+    """σ(x) = a·exp(−|x|²/2s²).  Closed forms: a ray passing at distance b from the centre has optical depth
+    a·s·√(2π)·exp(−b²/2s²), so the volume render is more than 50 % opaque for b < b* with
+    b*² = 2s²·ln(a·s·√(2π)/ln 2); the level set σ = τ is the sphere of radius s·√(2 ln(a/τ)), which is b* exactly at
+    τ* = ln 2 / (s·√(2π)), whatever the amplitude a."""
+
+    radius = 1.0
+
+    def __init__(self, a, s=0.15):
+        super().__init__()
+        self.a, self.s = a, s
+
+    def density(self, x):
+        return self.a * torch.exp(-(x * x).sum(-1) / (2 * self.s ** 2))
+
+    def forward(self, x, dirs=None):
+        return {"density": self.density(x), "rgb": torch.full_like(x, 0.5)}
+
+
+@needs_mc
+@pytest.mark.parametrize("amplitude", [100.0, 1000.0])
+def test_auto_level_is_where_rays_turn_half_opaque(amplitude):
+    s = 0.15
+    level_star = math.log(2) / (s * math.sqrt(2 * math.pi))  # 1.84 for both amplitudes
+    b_star = s * math.sqrt(2 * math.log(amplitude / level_star))  # 0.424 and 0.532
+    # unblurred, the meshed density is the field's own: the level is τ*
+    raw = ex.extract_mesh(GaussianBlob(amplitude, s), resolution=48, smooth=0)
+    assert raw.metadata["isosurface_rule"] == "auto"
+    assert raw.metadata["isosurface_threshold"] == pytest.approx(level_star, rel=0.1)
+    assert raw.metadata["render_match_iou"] > 0.97
+    # blurred (the default), the level moves with the blurred profile, the surface stays the sphere of radius b*
+    for mesh in (raw, ex.extract_mesh(GaussianBlob(amplitude, s), resolution=48)):
+        radii = np.linalg.norm(mesh.vertices, axis=1)
+        assert abs(radii.mean() - b_star) < 0.005 and radii.max() - radii.min() < 0.02
+        # the grid was fitted to the object: its cells are under half the box's 2 / 47, hence the many faces
+        assert mesh.is_watertight and len(mesh.faces) > 8000
+
+
+def test_render_matched_level_on_plain_arrays():
+    s, a = 0.15, 100.0
+    axis = np.linspace(-1.0, 1.0, 81)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    values = a * np.exp(-(x * x + y * y + z * z) / (2 * s * s))
+    grid = (values, (-1.0, -1.0, -1.0), 2.0 / 80)
+    level, iou = ex.render_matched_level(grid, grid)
+    assert level == pytest.approx(math.log(2) / (s * math.sqrt(2 * math.pi)), rel=0.1) and iou > 0.95
+    with pytest.raises(ValueError, match="no surface"):
+        ex.render_matched_level((np.zeros((4, 4, 4)), (-1, -1, -1), 2 / 3), (np.zeros((4, 4, 4)), (-1, -1, -1), 2 / 3))
+
+
+def test_opacity_iou_closed_form():
+    a = torch.zeros(2, 20, 20)
+    b = torch.zeros(2, 20, 20)
+    a[0, :10, :10] = 1.0
+    b[0, :10, 5:15] = 0.9  # overlap 10×5 = 50, union 150
+    a[1, 2:6, 2:6] = 0.7   # view 1: 16 pixels against none
+    assert ex.opacity_iou(a[0], b[0]) == pytest.approx(1 / 3)
+    assert ex.opacity_iou(a, b) == pytest.approx((1 / 3 + 0.0) / 2)
+    # above 0.95: view 0 is a against nothing (0), view 1 nothing against nothing (1)
+    assert ex.opacity_iou(a, b, threshold=0.95) == pytest.approx((0.0 + 1.0) / 2)
+    assert ex.opacity_iou(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)) == 1.0  # both empty: they agree
+    with pytest.raises(ValueError, match="one shape"):
+        ex.opacity_iou(a, b[0])
+
+
+def test_mesh_silhouette_of_a_sphere_is_its_disc():
+    from l2vsd_core.scene.cameras import orbit_cameras
+
+    radius, distance, fovy, size = 0.5, 2.0, 50.0, 96
+    sphere = trimesh.creation.icosphere(5, radius=radius)
+    cams = orbit_cameras(3, 20.0, distance, fovy, size, size)
+    coverage = ex.mesh_silhouettes(sphere.vertices, sphere.faces, cams)
+    # a sphere seen from its centre's distance d fills the cone of half-angle asin(r/d): a disc on the image
+    disc = math.tan(math.asin(radius / distance)) / math.tan(math.radians(fovy / 2)) * size / 2
+    for view in coverage:
+        assert float((view > 0.5).sum()) == pytest.approx(math.pi * disc ** 2, rel=0.03)
+        assert float(view.sum()) == pytest.approx(math.pi * disc ** 2, rel=0.02)  # antialiased coverage: the area
+    assert ex.mesh_silhouettes(np.zeros((0, 3)), np.zeros((0, 3), np.int64), cams).sum() == 0
+
+
+NEEDLES = ((1, 0, 0), (0, 1, 0), (-1, 0, 0), (0, -1, 0), (0.6, 0.6, -0.53), (-0.6, 0.3, -0.74))
+
+
+class SpikyFuzzyBall(torch.nn.Module):
+    """What a young NeRF's density looks like to the exporter: a ball (density 20 inside radius 0.3) with a fuzzy
+    edge (a sigmoid 0.03 wide) in a faint haze, six needles (radius 0.02, density 12: their optical depth across,
+    0.48, stays under ln 2, so a volume render shows them faint, under 50 % opaque, except end-on) and a faint
+    floater (a ball of radius 0.1 at z = 0.6, density 1.5: never 50 % opaque)."""
+
+    radius = 1.0
+
+    def __init__(self, needles=True, floater=True):
+        super().__init__()
+        self.needles, self.floater = needles, floater
+
+    def density(self, x):
+        r = x.norm(dim=-1)
+        sigma = 20.0 * torch.sigmoid((0.3 - r) / 0.03) + 0.2 * torch.exp(-r ** 2 / 0.5)
+        for d in NEEDLES if self.needles else ():
+            d = torch.nn.functional.normalize(torch.tensor(d, dtype=x.dtype), dim=0)
+            along = x @ d
+            off = (x - along[:, None] * d).norm(dim=-1)
+            sigma = torch.where((off < 0.02) & (along > 0.25) & (along < 0.6), sigma.clamp_min(12.0), sigma)
+        if self.floater:
+            near = (x - torch.tensor([0.0, 0.0, 0.6], dtype=x.dtype)).norm(dim=-1) < 0.1
+            sigma = torch.where(near, sigma + 1.5, sigma)
+        return sigma
+
+    def forward(self, x, dirs=None):
+        return {"density": self.density(x), "rgb": torch.full_like(x, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def spiky_renders():
+    """The volume renders' opacity of SpikyFuzzyBall from 8 orbit cameras, and the cameras."""
+    from l2vsd_core.scene.cameras import orbit_cameras
+    from l2vsd_core.scene.renderer import VolumeRenderer
+
+    cams = orbit_cameras(8, 20.0, 2.0, 50.0, 64, 64)
+    renderer = VolumeRenderer(radius=1.0, num_samples_per_ray=256).eval()
+    with torch.no_grad():
+        opacity = renderer.render_camera(cams, SpikyFuzzyBall(), None, stratified=False)["opacity"][..., 0]
+    return opacity, cams
+
+
+def _glb_silhouettes(mesh, cams, path):
+    """Write ``mesh`` as a GLB (y up), read it back into world axes and rasterize its silhouettes."""
+    ex.save_mesh(mesh, path)
+    back = trimesh.load(str(path), force="mesh", process=False)
+    return ex.mesh_silhouettes(ex.y_up_to_world(back.vertices), back.faces, cams)
+
+
+@needs_mc
+def test_exported_glb_matches_the_volume_renders(spiky_renders, tmp_path):
+    opacity, cams = spiky_renders
+    field = SpikyFuzzyBall()
+    mesh = ex.extract_mesh(field, resolution=48)
+    iou = ex.opacity_iou(_glb_silhouettes(mesh, cams, tmp_path / "clean.glb"), opacity)
+    assert iou > 0.93
+    assert len(mesh.split(only_watertight=False)) == 1  # the floater is gone
+    # the needles are gone but for stubs within a ray's width of the ball (its silhouette radius is 0.369, see below)
+    assert np.linalg.norm(mesh.vertices, axis=1).max() < 0.45
+
+    # the same field the old way (threestudio's mean threshold, the box's grid, no cleaning): the level sits in the
+    # fuzz, the surface bulges, the needles are spikes and the floater a second component
+    old = ex.extract_mesh(field, resolution=48, threshold="mean", fit=False, carve=False, smooth=0,
+                          remove_outliers=False)
+    old_iou = ex.opacity_iou(_glb_silhouettes(old, cams, tmp_path / "old.glb"), opacity)
+    assert old_iou < 0.75 and iou > old_iou + 0.2
+    assert len(old.split(only_watertight=False)) >= 2 and np.linalg.norm(old.vertices, axis=1).max() > 0.55
+
+    # what each part does, the level chosen the new way: the carve by the renders' silhouettes takes the needles
+    # off (the level alone keeps them: their density 12 is far above it) ...
+    uncarved = ex.extract_mesh(field, resolution=48, carve=False)
+    assert np.linalg.norm(uncarved.vertices, axis=1).max() > 0.55
+    assert ex.opacity_iou(_glb_silhouettes(uncarved, cams, tmp_path / "uncarved.glb"), opacity) < iou - 0.02
+    # ... and the render-matched level alone leaves the floater out (its density, 1.6 with the haze, < the level)
+    lone = ex.extract_mesh(field, resolution=48, carve=False, remove_outliers=False)
+    assert lone.metadata["isosurface_threshold"] > 1.8 and len(lone.split(only_watertight=False)) == 1
+
+
+@needs_mc
+def test_render_matched_silhouette_radius_has_its_closed_form():
+    """Without needles and floater the surface is a sphere whose radius must be b*, where a ray at distance b* from
+    the centre reaches optical depth ln 2 (found by quadrature here), whatever the cleaning."""
+    from scipy import integrate, optimize
+
+    def sigma(r):
+        return 20.0 / (1.0 + np.exp(-(0.3 - r) / 0.03)) + 0.2 * np.exp(-r ** 2 / 0.5)
+
+    def depth(b):  # through the box: the chord is at most 2·√3 long; beyond |x| ≈ 1 the haze is negligible anyway
+        return 2.0 * integrate.quad(lambda t: sigma(math.hypot(b, t)), 0.0, math.sqrt(3.0 - b * b), limit=200)[0]
+
+    b_star = optimize.brentq(lambda b: depth(b) - math.log(2.0), 0.2, 0.6)  # 0.3695
+    for options in ({}, {"opening": 0, "smooth": 0}, {"fit": False}):
+        mesh = ex.extract_mesh(SpikyFuzzyBall(needles=False, floater=False), resolution=48, **options)
+        assert np.linalg.norm(mesh.vertices, axis=1).mean() == pytest.approx(b_star, abs=0.006), options
+
+
 @needs_mc
 def test_floater_removed():
     field = BallField(blob=((0.75, 0.75, 0.0), 0.04))
-    raw = ex.extract_mesh(field, resolution=64, threshold=50.0, remove_outliers=False)
+    # the blob is 2.5 cells across: unblurred, so that its level set survives
+    raw = ex.extract_mesh(field, resolution=64, threshold=50.0, remove_outliers=False, smooth=0)
     assert len(raw.split(only_watertight=False)) == 2
-    clean = ex.extract_mesh(field, resolution=64, threshold=50.0)
+    clean = ex.extract_mesh(field, resolution=64, threshold=50.0, smooth=0)
     assert len(clean.split(only_watertight=False)) == 1
     assert np.abs(np.linalg.norm(clean.vertices, axis=1) - 0.5).max() < 2.0 / 63
+
+
+def test_remove_floaters_by_volume_drops_a_sheet():
+    """A thin sheet has plenty of faces (so threestudio's face rule keeps it) but hardly any volume."""
+    ball = trimesh.creation.icosphere(3, radius=0.5)  # 1280 faces
+    sheet = trimesh.creation.box((0.6, 0.6, 0.01))
+    sheet = trimesh.Trimesh(*trimesh.remesh.subdivide_to_size(sheet.vertices, sheet.faces, 0.05))  # many faces
+    sheet.apply_translation((0, 0, 0.8))
+    both = trimesh.util.concatenate([ball, sheet])
+    assert len(sheet.faces) > 0.01 * len(ball.faces)
+    assert len(ex.remove_floaters(both).faces) == len(both.faces)
+    kept = ex.remove_floaters(both, by_volume=True)
+    assert len(kept.faces) == len(ball.faces) and kept.volume == pytest.approx(ball.volume)
 
 
 @needs_mc
@@ -391,7 +586,10 @@ def test_ply_keeps_the_world_axes(cone_exports):
 @pytest.mark.parametrize("fmt", ["glb", "obj"])
 @needs_mc
 def test_written_normals_turn_with_the_vertices(fmt, tmp_path):
-    mesh = ex.extract_mesh(ConeField(), resolution=64, threshold=50.0)
+    # the box's grid, unblurred: trimesh recomputes the normals from the float32 vertices it reads, and the slivers
+    # of a finer (fitted) grid's surface turn that way by more than the float32 rounding this compares against (and a
+    # blur of a cell of the box's grid would round the cone's tip below what _check_cone_y_up expects)
+    mesh = ex.extract_mesh(ConeField(), resolution=64, threshold=50.0, fit=False, smooth=0)
     before = mesh.vertices.copy()
     world_normals = mesh.vertex_normals.copy()  # cached now, so trimesh writes them
     path = ex.save_mesh(mesh, tmp_path / f"n.{fmt}")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from l2vsd_core.export import opacity_iou
 from l2vsd_core.scene.cameras import orbit_cameras
 from l2vsd_core.scene.renderer import VolumeRenderer
 from l2vsd_core.toys.world.metrics import (GroundTruthField, frechet_distance, load_glb, orbit, parse_prompt,
@@ -107,7 +108,10 @@ def test_glb_of_the_true_object_scores_like_the_field(true_glbs):
         prompt = f"a {color} {shape}"
         glb = score_glb(true_glbs[shape, color], prompt, None, reference=references[shape, color])
         nerf = score_model(renderer, field, prompt, None, reference=references[shape, color])
-        assert glb.fidelity > 0.95 and glb.iou > 0.9, (prompt, glb)
+        # the export follows the volume renders (export.extract_mesh), and the field's skirt, density 200·sigmoid(−400·sdf),
+        # is opaque to grazing rays out to sdf ≈ 0.01: the renders' silhouettes (so the GLB's) are a little larger than
+        # the object's (the red cube's render scores 0.895 against its own silhouette, 32 px; the GLB 0.87)
+        assert glb.fidelity > 0.95 and glb.iou > 0.85, (prompt, glb)
         assert abs(glb.fidelity - nerf.fidelity) < 0.02, (prompt, glb, nerf)
         # the rasterized isosurface has the sharper silhouette (the volume renderer blurs edges a little)
         assert abs(glb.iou - nerf.iou) < 0.1, (prompt, glb, nerf)
@@ -117,10 +121,11 @@ def test_glb_of_the_true_object_scores_like_the_field(true_glbs):
         rgb_nerf, opacity_nerf = render_model(renderer, field, cams)
         both = (opacity > 0.5) & (opacity_nerf > 0.5)
         assert (rgb - rgb_nerf).abs().mean(1)[both].mean() < 0.05, prompt
+        assert opacity_iou(opacity, opacity_nerf) > 0.95, prompt  # the GLB's silhouettes are the renders'
 
     red = score_glb(true_glbs["cube", "red"], "a red cube", None, reference=references["cube", "red"])
     blue = score_glb(true_glbs["cube", "blue"], "a red cube", None, reference=references["cube", "red"])
-    assert blue.fidelity < 0.05 and blue.iou > 0.9  # the wrong colour, the right shape
+    assert blue.fidelity < 0.05 and blue.iou > 0.85  # the wrong colour, the right shape (0.85: see above)
     assert blue.frechet > red.frechet + 10, (blue, red)
 
 
@@ -130,3 +135,54 @@ def test_glb_without_a_texture_is_refused(tmp_path):
     path = save_mesh(trimesh.creation.box(extents=(0.5, 0.5, 0.5)), tmp_path / "plain.glb")
     with pytest.raises(ValueError, match="no base-colour texture"):
         load_glb(path)
+
+
+def test_volume_opacity_skips_only_what_adds_nothing():
+    """The occupancy grid that makes the mesh IoU's volume renders cheap changes their opacity by < 0.01."""
+    from l2vsd_core.toys.world.metrics import volume_opacity
+    field = GroundTruthField("cone", "green")
+    cams = orbit_cameras(4, 15.0, 1.5, 70.0, 32, 32)
+    fast = volume_opacity(field, cams, 1.0, 64)
+    with torch.no_grad():
+        full = VolumeRenderer(radius=1.0, num_samples_per_ray=64).eval().render_camera(cams, field, None,
+                                                                                      stratified=False)
+    assert (fast - full["opacity"][..., 0]).abs().max() < 0.01
+    assert (fast > 0.5).sum() > 100
+
+
+def _fake_run(folder, stages=1):
+    """A run folder as ``generate`` leaves it, as far as :func:`demo.mesh_iou` reads it: config.json."""
+    import json
+    from l2vsd_core.config import ExportConfig, RunConfig
+    config = RunConfig(stages=stages, export=ExportConfig(turntable_views=8, turntable_resolution=32))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"options": {"radius": 1.0, "samples_per_ray": 64,
+                                                                "stages": stages},
+                                                    "config": config.to_json()}, default=str))
+    return folder
+
+
+def test_demo_mesh_iou_is_the_stage1_glb_against_the_volume_renders(tmp_path):
+    from l2vsd_core.config import ExportConfig
+    from l2vsd_core.pipeline import export_nerf
+    from l2vsd_core.toys.world import demo
+    from l2vsd_core.toys.world.metrics import glb_volume_iou
+
+    cone, cube = GroundTruthField("cone", "green"), GroundTruthField("cube", "red")
+    run = _fake_run(tmp_path / "run")
+    assert demo.stage1_glb(run) is None and demo.mesh_iou(run, field=cone) is None  # nothing exported yet
+    export_nerf(cone, ExportConfig(mesh_resolution=48, texture_size=128), run / "model.glb")
+    assert demo.stage1_glb(run) == run / "model.glb"
+    matched = demo.mesh_iou(run, field=cone)
+    assert matched > 0.93  # the cone's GLB against the cone's renders
+    # the same GLB against another object's renders: the IoU says so
+    assert demo.mesh_iou(run, field=cube) < matched - 0.2
+    cams = orbit_cameras(8, 15.0, 1.5, 70.0, 32, 32)  # the turntable orbit of the fake run's config
+    assert glb_volume_iou(run / "model.glb", cone, cams, 1.0, 64) == pytest.approx(matched)
+    # a run taken on to stage 2: model.glb is the refined mesh's, model_s1.glb the stage-1 one
+    later = _fake_run(tmp_path / "later", stages=2)
+    export_nerf(cube, ExportConfig(mesh_resolution=32, texture_size=64), later / "model.glb")
+    assert demo.stage1_glb(later) is None  # model.glb is not stage 1's
+    (later / "model_s1.glb").write_bytes((run / "model.glb").read_bytes())
+    assert demo.stage1_glb(later) == later / "model_s1.glb"
+    assert demo.mesh_iou(later, field=cone) == pytest.approx(matched)

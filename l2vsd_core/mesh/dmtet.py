@@ -191,7 +191,7 @@ def _resolve_threshold(threshold: Union[str, float], density: torch.Tensor) -> f
     if isinstance(threshold, str):
         if threshold != "auto":
             raise ValueError(f"threshold must be a number or 'auto'; got {threshold!r}")
-        return auto_threshold(density)  # the rule export.extract_mesh uses (threestudio's "auto")
+        return auto_threshold(density)  # threestudio's "auto" (export.extract_mesh's "mean"; its "auto" is render-matched)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number or 'auto'; got {threshold!r}")
     return float(threshold)
@@ -268,7 +268,7 @@ class DMTet(nn.Module):
         dtype/device.  ``sdf = threshold - density`` (a level set, not a true distance), clamped to
         ``[-sdf_clamp, sdf_clamp]`` as threestudio does with 1 (``None``: no clamp); the deformation is reset to
         zero.  ``threshold="auto"`` is :func:`l2vsd_core.export.auto_threshold` over these grid densities (mean
-        of the values > 1e-5), the rule ``export.extract_mesh`` applies on its own grid; pass a float (e.g. the
+        of the values > 1e-5), threestudio's rule (``export.extract_mesh``'s ``"mean"``); pass a float (e.g. the
         one :func:`surface_bbox` returns) to use the same level as another grid.  Raises ``ValueError`` when the
         level does not cross the grid (no surface).
         """
@@ -322,7 +322,7 @@ def dmtet_from_density(density_fn: Callable[[torch.Tensor], torch.Tensor], radiu
                        threshold: Union[str, float] = "auto", bbox_resolution: int = 64, bbox_margin: float = 0.1,
                        deformation_scale: float = 0.5, device=None) -> DMTet:
     """A :class:`DMTet` over the tight box of the dense region of ``density_fn`` (a stage-1 field's ``density``)
-    with ``sdf = threshold - density`` (threestudio's ``create_from``); ``threshold="auto"`` is the exporter's rule
+    with ``sdf = threshold - density`` (threestudio's ``create_from``); ``threshold="auto"`` is threestudio's mean rule
     on the coarse lattice, then used for both passes.  ``ValueError`` naming the fix when there is no surface."""
     try:
         bbox, level = surface_bbox(density_fn, radius, threshold, resolution=bbox_resolution, margin=bbox_margin,

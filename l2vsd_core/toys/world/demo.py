@@ -5,6 +5,10 @@
 :func:`score_run`, which rebuilds the optimized scene from the run's ``config.json`` and checkpoint and writes
 ``metrics.json`` next to the GLB.
 
+``metrics.json`` also holds ``mesh_iou``: how well the exported stage-1 GLB matches the field's volume renders (their
+silhouette IoU from :data:`MESH_IOU_VIEWS` of the turntable's cameras at its resolution,
+:func:`~l2vsd_core.toys.world.metrics.glb_volume_iou`), i.e. whether a mesh viewer shows what the turntable shows.
+
 ``run(..., stages=2 or 3)`` goes on in the same folder with :func:`refine_run`: ``generate --resume --stages k``,
 which reuses the finished stage-1 checkpoint (and, for stage 3, the finished geometry one).  Since ``model.glb`` is always the last stage's, each stage's GLB is kept as ``model_s<k>.glb`` and
 scored as what the user would get after that stage (``fidelity_s<k>``, ``frechet_s<k>``, ``iou_s<k>`` in
@@ -47,6 +51,7 @@ METHOD_PRESETS = {
 
 
 FIELD_SCORES = ("fidelity", "frechet", "iou")  # of the stage-1 field; a stage's GLB scores carry "_s<stage>"
+MESH_IOU_VIEWS = 12  # turntable views (evenly spaced) of the stage-1 GLB's silhouette IoU against the volume renders
 
 
 def method_options(method: str) -> dict:
@@ -106,13 +111,52 @@ def load_run(run_dir, device: str = "cpu"):
     return field.eval(), renderer.eval(), options
 
 
+def stage1_glb(run_dir) -> Optional[Path]:
+    """The run's stage-1 GLB: ``model_s1.glb`` once a later stage ran, else ``model.glb`` of a one-stage run; None
+    when there is none (no surface, or not exported yet)."""
+    from ...generate import OUTPUT_NAMES
+
+    run_dir = Path(run_dir)
+    if stage_glb(run_dir, 1).is_file():
+        return stage_glb(run_dir, 1)
+    options = json.loads((run_dir / OUTPUT_NAMES["config"]).read_text())["options"]
+    glb = run_dir / OUTPUT_NAMES["mesh"]
+    return glb if int(options.get("stages", 1)) == 1 and glb.is_file() else None
+
+
+def mesh_iou(run_dir, field=None) -> Optional[float]:
+    """Silhouette IoU of the run's stage-1 GLB (:func:`stage1_glb`) against its field's volume renders, from
+    :data:`MESH_IOU_VIEWS` evenly spaced cameras of the run's turntable orbit (the stage-1 preview's elevation,
+    distance and fovy) at the turntable's resolution (:func:`~l2vsd_core.toys.world.metrics.glb_volume_iou`);
+    None without a stage-1 GLB."""
+    from ...config import RunConfig
+    from ...generate import OUTPUT_NAMES
+    from ...scene.cameras import orbit_cameras
+    from .metrics import glb_volume_iou
+
+    run_dir = Path(run_dir)
+    glb = stage1_glb(run_dir)
+    if glb is None:
+        return None
+    recorded = json.loads((run_dir / OUTPUT_NAMES["config"]).read_text())
+    options, config = recorded["options"], RunConfig.from_json(recorded["config"])
+    if field is None:
+        field, _, options = load_run(run_dir)
+    views = min(MESH_IOU_VIEWS, config.export.turntable_views)
+    size = config.export.turntable_resolution
+    cameras = orbit_cameras(views, config.nerf.preview_elevation, config.nerf.preview_distance,
+                            config.nerf.preview_fovy, size, size)
+    return glb_volume_iou(glb, field, cameras, float(options["radius"]), int(options["samples_per_ray"]))
+
+
 def score_run(run_dir, prior=None, reference: Optional[torch.Tensor] = None,
               keep_field_scores: bool = False) -> dict:
     """Score a run of a world prompt and write ``metrics.json`` into it; returns the scores: the stage-1 field's
-    (``fidelity``, ``frechet``, ``iou``; volume-rendered, as it was optimized) and, for a run taken beyond stage 1,
-    the kept GLB of every stage (``fidelity_s<k>``, ``frechet_s<k>``, ``iou_s<k>``; rasterized).
-    ``keep_field_scores``: reuse the field's scores already in ``metrics.json`` (later stages load stage 1 and never
-    change it, and volume-rendering the field is most of the scoring time)."""
+    (``fidelity``, ``frechet``, ``iou``; volume-rendered, as it was optimized), its GLB's ``mesh_iou`` against it
+    (:func:`mesh_iou`; absent without a stage-1 GLB) and, for a run taken beyond stage 1, the kept GLB of every
+    stage (``fidelity_s<k>``, ``frechet_s<k>``, ``iou_s<k>``; rasterized).
+    ``keep_field_scores``: reuse the field's scores (and ``mesh_iou``) already in ``metrics.json`` (later stages load
+    stage 1 and never change it, and volume-rendering the field is most of the scoring time)."""
     from ...prior import load_prior
     from .metrics import score_glb, score_model
 
@@ -121,11 +165,18 @@ def score_run(run_dir, prior=None, reference: Optional[torch.Tensor] = None,
     options = json.loads((run_dir / "config.json").read_text())["options"]
     prior = prior if prior is not None else load_prior(options["prior"], device="cpu")  # "toy" or a path
     known = json.loads(metrics_file.read_text()) if keep_field_scores and metrics_file.is_file() else {}
+    field = None
     if all(name in known for name in FIELD_SCORES):
         scores = {name: known[name] for name in FIELD_SCORES}
     else:
         field, renderer, options = load_run(run_dir)
         scores = score_model(renderer, field, options["prompt"], prior, reference=reference).as_dict()
+    if "mesh_iou" in known:
+        scores["mesh_iou"] = known["mesh_iou"]
+    else:
+        matched = mesh_iou(run_dir, field)
+        if matched is not None:
+            scores["mesh_iou"] = matched
     for stage in (1, 2, 3):
         if stage_glb(run_dir, stage).is_file():
             glb = score_glb(stage_glb(run_dir, stage), options["prompt"], prior, reference=reference).as_dict()
@@ -254,6 +305,9 @@ def main(argv=None) -> int:
     print(f"{args.prompt!r} with {args.method}, {args.steps} steps in {result['seconds']:.0f} s: prompt fidelity "
           f"{result['fidelity']:.3f}, Fréchet distance {result['frechet']:.1f}, silhouette IoU {result['iou']:.3f} "
           f"(metrics.json)")
+    if "mesh_iou" in result:
+        print(f"stage-1 GLB against the volume renders (turntable cameras): silhouette IoU {result['mesh_iou']:.3f} "
+              f"(metrics.json: mesh_iou)")
     for stage in range(1, args.stages + 1) if args.stages > 1 else ():
         took = f" in {result[f'seconds_s{stage}']:.0f} s" if f"seconds_s{stage}" in result else ""
         print(f"GLB after stage {stage}{took}: prompt fidelity {result[f'fidelity_s{stage}']:.3f}, Fréchet distance "
