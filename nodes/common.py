@@ -260,22 +260,24 @@ def display_images(images, stem: str) -> list:
 
 def display_animation(gif: Path, stem: str) -> dict:
     """The ``ui`` entries that show the animated GIF ``gif`` on the node, enlarged for display (:func:`upscaled`,
-    each frame's duration kept): ``images`` (one GIF in the temp folder) and ``animated``, which makes the frontend
-    play it rather than draw its first frame."""
+    each frame's duration kept): ``images`` (one animated WebP in the temp folder) and ``animated``, which makes the
+    frontend play it rather than draw its first frame. WebP, as core SaveAnimatedWEBP writes: the current frontend
+    (1.5x) plays an animated output that is not .webp or .png in a <video> element, which shows no GIF; the 2024
+    frontend shows either in an <img>."""
     import uuid
 
     from PIL import Image, ImageSequence
 
     folder = temp_directory()
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{stem}_{uuid.uuid4().hex[:12]}.gif"
+    name = f"{stem}_{uuid.uuid4().hex[:12]}.webp"
     with Image.open(gif) as source:
         frames, durations = [], []
         for frame in ImageSequence.Iterator(source):
             frames.append(upscaled(frame.convert("RGB")))
             durations.append(int(frame.info.get("duration", source.info.get("duration", 100))))
-    frames[0].save(folder / name, save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   optimize=False)
+    frames[0].save(folder / name, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   lossless=True, method=0)
     return {"images": [{"filename": name, "subfolder": "", "type": "temp"}], "animated": (True,)}
 
 

@@ -12,6 +12,11 @@ Two hosts; the ``comfy_host`` fixture is parametrized over both (one server runs
   ``custom_nodes/`` links the pack. Its requirements (alembic, SQLAlchemy, av, comfyui-frontend-package, …) are not
   in the project's test extra: install them by hand, into the venv or into a separate one named by
   ``COMFYUI_PYTHON`` (the Python that runs the server; default: the one running the tests). Skipped when unset.
+  Set up here (issue 16) as: the tree of upstream commit 63722199 ("ComfyUI version 0.3.64") in /tmp/comfyui_src;
+  ``python3 -m venv /tmp/comfy_venv``; in it ``pip install torch==2.14.1 torchvision==0.29.1``, then ComfyUI's
+  ``requirements.txt`` without its torch/torchvision/torchaudio lines and with ``comfyui-frontend-package==1.58.1``,
+  plus ``requests``, then ``pip install -e '<this repo>[test]'``; run the tests with ``COMFYUI_DIR=/tmp/comfyui_src
+  COMFYUI_PYTHON=/tmp/comfy_venv/bin/python``.
 
 Both also load the test-only node of ``tests/comfy_probe.py`` (``L2VSDTest_PriorProbe``, linked next to the pack),
 which writes what an ``L2VSD_PRIOR`` computes to the output folder so that tests can compare priors.
