@@ -131,8 +131,22 @@ class ComfyHost:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def node_types(self) -> set:
+        """The node types this host serves (``/object_info``), fetched once."""
+        if getattr(self, "_node_types", None) is None:
+            self._node_types = set(self.get("/object_info"))
+        return self._node_types
+
+    def for_host(self, graph: dict) -> dict:
+        """A bundled workflow (UI or API format) without the core nodes this host lacks: the bundled workflows end
+        in core ``Preview3D``, which the 2024 host does not have (no 3D nodes); everything else is kept."""
+        return without_node_types(graph, {"Preview3D"} - self.node_types())
+
     def post(self, path: str, payload=None, timeout: float = 30):
-        """(HTTP status, decoded JSON body or None) — error statuses are returned, not raised."""
+        """(HTTP status, decoded JSON body or None) — error statuses are returned, not raised.  A ``/prompt``'s
+        graph goes through :meth:`for_host` first."""
+        if path == "/prompt" and isinstance(payload, dict) and isinstance(payload.get("prompt"), dict):
+            payload = {**payload, "prompt": self.for_host(payload["prompt"])}
         data = json.dumps(payload if payload is not None else {}).encode()
         request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
@@ -183,6 +197,28 @@ class ComfyHost:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def without_node_types(graph: dict, types: set) -> dict:
+    """``graph`` (a UI workflow with ``nodes`` and ``links``, or an API graph ``{id: {"class_type", "inputs"}}``)
+    without its nodes of the given types and the links to and from them (a copy)."""
+    graph = json.loads(json.dumps(graph))
+    if not types:
+        return graph
+    if "nodes" not in graph:  # API format: only sinks are dropped here, so no input refers to them
+        return {node_id: node for node_id, node in graph.items() if node.get("class_type") not in types}
+    dropped = {n["id"] for n in graph["nodes"] if n["type"] in types}
+    cut = {link[0] for link in graph["links"] if link[1] in dropped or link[3] in dropped}
+    graph["nodes"] = [n for n in graph["nodes"] if n["id"] not in dropped]
+    graph["links"] = [link for link in graph["links"] if link[0] not in cut]
+    for node in graph["nodes"]:
+        for output in node.get("outputs") or []:
+            if output.get("links"):
+                output["links"] = [link for link in output["links"] if link not in cut]
+        for slot in node.get("inputs") or []:
+            if slot.get("link") in cut:
+                slot["link"] = None
+    return graph
 
 
 def start_host(workdir: Path) -> ComfyHost:

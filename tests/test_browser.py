@@ -129,7 +129,7 @@ def test_toy_workflow_loads_and_runs_in_the_frontend(comfy_host, tmp_path):
     chromium, node = browser_tools()
     skip_tutorial(comfy_host)
     workflow = tmp_path / "toy_demo.tiny.json"
-    workflow.write_text(json.dumps(tiny_ui_workflow(int(os.environ.get("BROWSER_TEST_STEPS", "4")))))
+    workflow.write_text(json.dumps(comfy_host.for_host(tiny_ui_workflow(int(os.environ.get("BROWSER_TEST_STEPS", "4"))))))
     screenshot = tmp_path / "toy_demo.png"
     command = [node, str(SCRIPT), "--url", comfy_host.url, "--workflow", str(workflow), "--screenshot",
                str(screenshot), "--chromium", chromium, "--timeout-ms", str(RUN_TIMEOUT_S * 1000)]
@@ -141,7 +141,7 @@ def test_toy_workflow_loads_and_runs_in_the_frontend(comfy_host, tmp_path):
     assert found["control"]["shown"], f"an unknown node type raised no missing-nodes warning: {found['control']}"
     assert found["controlClosed"], "the missing-nodes warning of the control graph did not close"
     assert not found["missing"]["shown"], f"the bundled workflow has missing nodes: {found['missing']}"
-    assert sorted(found["loadedTypes"]) == sorted(n["type"] for n in workflow_nodes())
+    assert sorted(found["loadedTypes"]) == sorted(n["type"] for n in json.loads(workflow.read_text())["nodes"])
     assert not found["nodeErrors"], found["nodeErrors"]
     assert found["promptId"], f"nothing was queued; page errors: {found['pageErrors']}"
     assert found["status"] == "success", (found, comfy_host.get(f"/history/{found['promptId']}"))
@@ -169,10 +169,6 @@ def test_toy_workflow_loads_and_runs_in_the_frontend(comfy_host, tmp_path):
     update_docs(screenshot, DOCS_SCREENSHOT if comfy_host.name == HOST_2024 else DOCS / "toy_demo_current.png")
 
 
-def workflow_nodes() -> list:
-    return json.loads(UI_WORKFLOW.read_text())["nodes"]
-
-
 @pytest.mark.parametrize("name", ["sd21_stage1", "sd21_l2esd", "sd21_l2hifa", "toy_three_stage",
                                   "sd21_three_stage"])
 def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
@@ -180,7 +176,8 @@ def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
     tests/test_comfy_server.py), every node is found, and the frontend turns the graph into its API twin."""
     chromium, node = browser_tools()
     skip_tutorial(comfy_host)
-    source = ROOT / "workflows" / f"{name}.json"
+    source = tmp_path / f"{name}.json"
+    source.write_text(json.dumps(comfy_host.for_host(json.loads((ROOT / "workflows" / f"{name}.json").read_text()))))
     screenshot = tmp_path / f"{name}.png"
     command = [node, str(SCRIPT), "--url", comfy_host.url, "--workflow", str(source), "--screenshot",
                str(screenshot), "--chromium", chromium, "--queue", "no"]
@@ -190,7 +187,7 @@ def test_workflows_load_without_missing_nodes(comfy_host, tmp_path, name):
     assert found["control"]["shown"] and not found["missing"]["shown"], found["missing"]
     assert sorted(found["loadedTypes"]) == sorted(n["type"] for n in json.loads(source.read_text())["nodes"])
     assert not found["pageErrors"], found["pageErrors"]
-    api = json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text())
+    api = comfy_host.for_host(json.loads((ROOT / "workflows" / "api" / f"{name}.api.json").read_text()))
     queued = {node_id: (node["class_type"], node["inputs"]) for node_id, node in found["apiPrompt"].items()}
     assert queued == {node_id: (node["class_type"], node["inputs"]) for node_id, node in api.items()}
     check_layout(comfy_host.name, json.loads(source.read_text()), found["nodesLoaded"])
@@ -254,24 +251,14 @@ def test_templates_panel_lists_and_opens_every_bundled_workflow(comfy_host, tmp_
 
 
 def preview3d_ui_workflow(steps: int) -> dict:
-    """The tiny toy graph (prompt: a cone) with core ``Preview3D`` to the right of Export Mesh, its ``model_file``
-    linked to Export Mesh's first output (the GLB's path relative to the output folder). Test-local: the bundled
-    workflows are not changed."""
+    """The tiny toy graph (prompt: a cone) and its core ``Preview3D``, which the bundled workflow wires to Export
+    Mesh's first output (the GLB's path relative to the output folder)."""
     workflow = tiny_ui_workflow(steps)
     nodes = {n["id"]: n for n in workflow["nodes"]}
     optimize, export = nodes[4], nodes[5]
     optimize["widgets_values"][widget_indices("4", optimize)["prompt"]] = PREVIEW3D_PROMPT
     export["widgets_values"][widget_indices("5", export)["filename_prefix"]] = "3d/preview3d_browser"
-    node_id, link_id = workflow["last_node_id"] + 1, workflow["last_link_id"] + 1
-    right = max(n["pos"][0] + n["size"][0] for n in workflow["nodes"])
-    workflow["nodes"].append({
-        "id": node_id, "type": "Preview3D", "pos": [right + 40, export["pos"][1]], "size": [560, 640], "flags": {},
-        "order": len(workflow["nodes"]), "mode": 0,
-        "inputs": [{"name": "model_file", "type": "STRING", "widget": {"name": "model_file"}, "link": link_id}],
-        "outputs": [], "properties": {"Node name for S&R": "Preview3D"}, "widgets_values": ["", ""]})
-    export["outputs"][0]["links"] = [*(export["outputs"][0].get("links") or []), link_id]
-    workflow["links"].append([link_id, export["id"], 0, node_id, 0, "STRING"])
-    workflow["last_node_id"], workflow["last_link_id"] = node_id, link_id
+    assert [n["type"] for n in workflow["nodes"]].count("Preview3D") == 1
     return workflow
 
 

@@ -29,7 +29,8 @@ SHOWS_IMAGES = {"L2VSD_Optimize", "L2VSD_RefineGeometry", "L2VSD_RefineTexture",
 # tests/browser/load_workflow.mjs; tests/test_browser.py checks that the loaded nodes are no taller.
 WIDGETS_HEIGHT = {"L2VSD_LoadPrior": 106, "L2VSD_AttachLoRAScore": 274, "L2VSD_InitNeRF": 346,
                   "L2VSD_Optimize": 646, "L2VSD_RefineGeometry": 660, "L2VSD_RefineTexture": 580,
-                  "L2VSD_ExportMesh": 266, "PreviewImage": 26}
+                  "L2VSD_ExportMesh": 266, "PreviewImage": 26,
+                  "Preview3D": 600}  # core Preview 3D (current frontends only): its viewer fills the node
 
 
 def node_rectangle(node: dict, widgets_height: float) -> tuple:

@@ -204,7 +204,7 @@ def _workflow_types(path: Path) -> list:
 
 
 WORKFLOWS = sorted([*(ROOT / "workflows").glob("*.json"), *(ROOT / "workflows" / "api").glob("*.json")])
-CORE_NODES = {"PreviewImage"}  # the core nodes the bundled workflows use
+CORE_NODES = {"PreviewImage", "Preview3D"}  # the core nodes the bundled workflows use
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
