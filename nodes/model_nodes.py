@@ -128,6 +128,8 @@ class LoadPrior:
 
     RETURN_TYPES = (PRIOR_TYPE,)
     RETURN_NAMES = ("prior",)
+    OUTPUT_TOOLTIPS = ("The frozen diffusion prior (UNet, text encoder and VAE, or the bundled toy model): into Attach "
+                       "LoRA Score and every optimizing node.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY_MODEL
     DESCRIPTION = "Loads the frozen diffusion prior that the 3D scene is distilled from."
@@ -210,6 +212,8 @@ class AttachLoRAScore:
 
     RETURN_TYPES = (SCORE_TYPE,)
     RETURN_NAMES = ("score",)
+    OUTPUT_TOOLTIPS = ("The estimator and its LoRA settings (no weights: each optimizing stage makes its own LoRA): "
+                       "into L2VSD Optimize, Refine Geometry and Refine Texture.",)
     FUNCTION = "attach"
     CATEGORY = CATEGORY_MODEL
     DESCRIPTION = "Settings of the score estimator; the LoRA is created fresh by each L2VSD Optimize run."
