@@ -16,15 +16,15 @@ install: $(VENV)/.installed
 
 # Stamp file: reinstalls only when the venv is new or the dependency files changed.
 # torch goes in first, so that the editable install finds it satisfied and pulls no other build;
-# that install must leave torch exactly as it was.
+# that install must leave torch exactly as it was. Ray (the 'distributed' extra) is for `batch` and its tests.
 $(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install $(TORCH_PAIR)
 	set -e; before=$$($(TORCH_VERSION)); \
-	$(PY) -m pip install -e '.[test]'; \
+	$(PY) -m pip install -e '.[test,distributed]'; \
 	after=$$($(TORCH_VERSION)); \
 	if [ "$$before" != "$$after" ]; then \
-	  echo "error: 'pip install -e .[test]' changed torch $$before -> $$after" >&2; exit 1; fi
+	  echo "error: 'pip install -e .[test,distributed]' changed torch $$before -> $$after" >&2; exit 1; fi
 	touch $@
 
 test: $(VENV)/.installed

@@ -80,11 +80,13 @@ _RUN = (("--prompt", dict(required=True, help="the text to generate")),
         ("--no-progress", dict(action="store_true", help="no progress bar")))
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> argparse.ArgumentParser:
-    """The ``generate`` flags; ``defaults=False``: none (the namespace then holds only what was given)."""
+def add_generate_arguments(parser: argparse.ArgumentParser, defaults: bool = True,
+                           run_flags: bool = True) -> argparse.ArgumentParser:
+    """The ``generate`` flags; ``defaults=False``: none (the namespace then holds only what was given);
+    ``run_flags=False``: only the settings (``batch`` has its own --prompts, --out, --prior)."""
     shown = option_defaults()
     run = parser.add_argument_group("run")
-    for flag, kw in _RUN:
+    for flag, kw in _RUN if run_flags else ():
         if not defaults and "required" not in kw:
             kw = {**kw, "default": argparse.SUPPRESS}
         run.add_argument(flag, **kw)

@@ -17,8 +17,8 @@ except ImportError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "My-Pack_clone"  # ComfyUI uses the folder name, dashes and all, as the module name
-# Modules the root import must not pull in: ComfyUI's own, and optional CUDA accelerators.
-FORBIDDEN = {"comfy", "folder_paths", "tinycudann", "nvdiffrast"}
+# Modules the root import must not pull in: ComfyUI's own, optional CUDA accelerators, and Ray (batch only).
+FORBIDDEN = {"comfy", "folder_paths", "tinycudann", "nvdiffrast", "ray"}
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 
 
@@ -116,6 +116,8 @@ def test_requirements_never_install_torch():
     # Same runtime dependencies as pyproject, less torch (which ComfyUI already provides).
     deps = {_requirement_name(d) for d in _pyproject()["project"]["dependencies"]}
     assert names == deps - {"torch"}
+    assert "ray" not in names  # an optional extra of the headless batch, never a need of the node pack
+    assert "ray" in {_requirement_name(d) for d in _pyproject()["project"]["optional-dependencies"]["distributed"]}
 
 
 def test_pyproject_registry_fields_and_no_torch_pin():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..files import atomic_write_text
+from ..prompt_list import read_prompts, slug as _slug  # noqa: F401 (read_prompts: the CLI's)
 from ..toys.image2d import ci95
 
 DEFAULT_METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "esd", "l2esd")
@@ -44,24 +45,10 @@ def metric_keys(stages: int = 1) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def read_prompts(path) -> list[str]:
-    """One prompt per line; blank lines and ``#`` comments skipped."""
-    lines = Path(path).read_text().splitlines()
-    prompts = [line.split("#", 1)[0].strip() for line in lines]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line)")
-    return prompts
-
-
 def split_methods(text: str) -> tuple[str, ...]:
     """``"vsd,l2vsd[paper,eta=0.001]"`` → ``("vsd", "l2vsd[paper,eta=0.001]")``: commas inside a variant's brackets
     do not separate."""
     return tuple(m.strip() for m in re.split(r",(?![^\[]*\])", text) if m.strip())
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def _read_json(path: Path) -> dict:

@@ -43,6 +43,7 @@ import torch
 
 from ..distill import DistillConfig
 from ..files import atomic_write, atomic_write_text
+from ..prompt_list import slug as _slug
 
 __all__ = ["Variant", "parse_method", "StudyConfig", "run_particles", "run_study", "ci95", "roughness", "plot", "main"]
 
@@ -212,10 +213,6 @@ def summarize(rows: list, baseline: str = "vsd") -> dict:
             entry[f"{key}_diff_mean"], entry[f"{key}_diff_ci95"] = statistics.fmean(diffs), ci95(diffs)
         paired[name] = entry
     return {"methods": methods, "paired": paired}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def _save_png(images: torch.Tensor, path: Path, scale: int = 4) -> None:
