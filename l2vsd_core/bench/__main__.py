@@ -1,5 +1,6 @@
-"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]``, ``… render [--json F]`` and
-``… quality --prompts FILE [--methods …] [--seeds N] [--steps N] [--stages 1|2|3] [--json F]``."""
+"""``python -m l2vsd_core.bench step [--config tiny|sd21] [--steps N] [--json F]``, ``… render [--json F]``,
+``… quality --prompts FILE [--methods …] [--seeds N] [--steps N] [--stages 1|2|3] [--json F]`` and
+``… batch [--prompts N] [--steps N] [--json F]`` (one worker against several on a local Ray)."""
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,23 @@ def main(argv=None) -> int:
     quality.add_argument("--out", default="out/bench_quality", help="run folders (finished runs are reused)")
     quality.add_argument("--json", help="write the results here")
     quality.add_argument("--grid", help="also write a PNG of turntable frames per prompt and method (seed 0)")
+    batch = sub.add_parser("batch", help="a toy batch on a local Ray: one worker (one thread, all threads) against one "
+                                         "worker per CPU; wall times and speed-ups (needs Ray)")
+    batch.add_argument("--prompts", type=int, default=4, help="how many toy prompts (up to 8)")
+    batch.add_argument("--steps", type=int, default=100, help="stage-1 steps per run")
+    batch.add_argument("--out", default="out/bench_batch", help="scratch folder (each layout's batch, replaced)")
+    batch.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     progress = lambda i, n: print(f"\rround {i}/{n}", end="", file=sys.stderr, flush=True)
     from .step import write_json
 
-    if args.command == "quality":
+    if args.command == "batch":
+        from .batch import WORLD_PROMPTS, batch_table, run_batch_benchmark
+        count = max(1, min(args.prompts, len(WORLD_PROMPTS)))
+        run = lambda: run_batch_benchmark(args.out, WORLD_PROMPTS[:count], args.steps,
+                                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        show = batch_table
+    elif args.command == "quality":
         from .quality import (DEFAULT_METHODS as QUALITY_METHODS, quality_table, read_prompts, run_quality_benchmark,
                               split_methods)
         methods = QUALITY_METHODS if args.methods is None else split_methods(args.methods)
