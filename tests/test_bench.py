@@ -96,3 +96,23 @@ def test_cuda_sd_stages_script_runs_three_stages_tiny(tmp_path):
     assert mesh.is_file() and mesh.read_bytes()[:4] == b"glTF" and data["outputs"]["mesh"]["bytes"] > 0
     assert Path(data["outputs"]["turntable"]["path"]).is_file() and data["stage_steps"]["texture"] == 4
     assert "| **3 texture** | 16 | 4/4 |" in proc.stdout
+
+
+def test_batch_benchmark_times_each_layout(tmp_path):
+    """One toy prompt × 1 step in each of the three layouts on a local Ray (needs Ray)."""
+    import pytest
+    pytest.importorskip("ray")
+    out = tmp_path / "batch.json"
+    proc = subprocess.run([sys.executable, "-m", "l2vsd_core.bench", "batch", "--prompts", "1", "--steps", "1",
+                           "--out", str(tmp_path / "runs"), "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cpus = os.cpu_count()
+    assert [r["name"] for r in data["layouts"]] == ["1 worker × 1 thread", f"1 worker × {cpus} threads",
+                                                   f"{cpus} workers × 1 thread"]
+    for r in data["layouts"]:
+        assert r["wall_s"] > 0 and len(r["run_s"]) == 1
+        assert abs(r["speedup_vs_1x1"] - data["layouts"][0]["wall_s"] / r["wall_s"]) < 0.01
+    assert data["layouts"][0]["speedup_vs_1x1"] == 1.0
+    assert "| 1 worker × 1 thread |" in proc.stdout
