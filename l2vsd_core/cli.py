@@ -17,7 +17,8 @@ from typing import Optional
 
 from .config import OPTIONS, option_defaults
 
-__all__ = ["add_generate_arguments", "options_from_args", "given_options", "run_cli", "ProgressBar", "CtrlC"]
+__all__ = ["add_generate_arguments", "auto_or_number", "options_from_args", "given_options", "run_cli", "ProgressBar",
+           "CtrlC"]
 
 
 # --------------------------------------------------------------------------------------------------------- parsing
@@ -57,16 +58,24 @@ def _schedule(text: str):
     raise argparse.ArgumentTypeError(f"expected a number or start_step,v0,v1,end_step; got {text!r}")
 
 
-def _threshold(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a density value; got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite density value; got {text!r}")
-    return v
+def auto_or_number(what: str, at_least: Optional[float] = None):
+    """A flag's type: ``auto`` or a finite number (``>= at_least``), ``what`` naming it in the error."""
+    def parse(text: str):
+        if text == "auto":
+            return "auto"
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}; got {text!r}") from None
+        if not math.isfinite(v) or (at_least is not None and v < at_least):
+            bound = "" if at_least is None else f" >= {at_least:g}"
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, finite{bound}; got {text!r}")
+        return v
+    parse.__name__ = "auto_or_number"
+    return parse
+
+
+_threshold = auto_or_number("a density value")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "ints": _ints, "floats2": _floats(2), "floats3": _floats(3),

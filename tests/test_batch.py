@@ -227,13 +227,13 @@ def test_a_killed_worker_is_retried_and_goes_on_from_the_checkpoint(tmp_path):
 def test_ctrl_c_stops_every_run_at_a_checkpoint_and_a_new_start_finishes_them(tmp_path):
     prompts, out = _prompts(tmp_path), tmp_path / "batch"
     steps = "60"
+    # no periodic checkpoint: the one a run has after the stop is the stop's; a preview every 2 steps shows progress
     batch = subprocess.Popen(_batch_command(prompts, out, "--steps", steps, "--workers", "2", "--checkpoint-every",
-                                            "1000"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                            "1000", "--preview-every", "2"), cwd=ROOT, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: all((out / slug(p) / RUNNING).is_file() for p in PROMPTS[:2]), 240, "two running runs",
-                  batch)
-        time.sleep(3)
+        _wait_for(lambda: all((out / slug(p) / "preview_000002.png").is_file() for p in PROMPTS[:2]), 240,
+                  "two runs past their second step", batch)
         os.killpg(batch.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
         stdout, stderr = batch.communicate(timeout=120)
     finally:
@@ -244,7 +244,7 @@ def test_ctrl_c_stops_every_run_at_a_checkpoint_and_a_new_start_finishes_them(tm
     status = {run["prompt"]: run["status"] for run in summary["runs"]}
     assert status == {PROMPTS[0]: "stopped", PROMPTS[1]: "stopped", PROMPTS[2]: "queued"}
     stopped_at = {p: _checkpoint_step(out / slug(p)) for p in PROMPTS[:2]}
-    assert all(0 < step < int(steps) for step in stopped_at.values())  # a checkpoint at the step it stopped
+    assert all(2 <= step < int(steps) for step in stopped_at.values())  # a checkpoint at the step it stopped
     assert not (out / slug(PROMPTS[2])).exists() and not (out / STOP_FILE).exists()
 
     r = _batch(prompts, out, "--steps", steps, "--workers", "2")

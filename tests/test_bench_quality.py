@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 
-from l2vsd_core.bench.quality import (metric_keys, paired_differences, paired_table, quality_table, read_prompts,
+from l2vsd_core.bench.quality import (metric_keys, paired_differences, paired_table, quality_table,
                                       run_quality_benchmark, summarize)
+from l2vsd_core.prompt_list import read_prompts
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 

@@ -5,21 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import _ints, add_generate_arguments, options_from_args
+from ..cli import _ints, add_generate_arguments, auto_or_number, options_from_args
 
 __all__ = ["add_batch_arguments", "run_batch_cli"]
-
-
-def _gpus(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of GPUs (0, 0.5, 1, ...); got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of GPUs >= 0; got {text!r}")
-    return value
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> argparse.ArgumentParser:
@@ -43,7 +31,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
                        help="runs at once at most (default: as many as the CPUs/GPUs allow)")
     batch.add_argument("--cpus-per-run", type=float, default=keep(1.0),
                        help="CPUs each run takes (also its torch threads unless --threads)")
-    batch.add_argument("--gpus-per-run", type=_gpus, default=keep("auto"),
+    gpus = auto_or_number("a number of GPUs (0, 0.5, 1, ...)", at_least=0)
+    batch.add_argument("--gpus-per-run", type=gpus, default=keep("auto"),
                        help="GPUs each run takes; auto: 1 when the cluster has GPUs, else 0 (fractions share one)")
     batch.add_argument("--retries", type=int, default=keep(3),
                        help="how often a run whose worker died (killed, node lost) is run again, from its checkpoint")

@@ -64,8 +64,8 @@ def main(argv=None) -> int:
                                           log=lambda m: print(m, file=sys.stderr, flush=True))
         show = batch_table
     elif args.command == "quality":
-        from .quality import (DEFAULT_METHODS as QUALITY_METHODS, quality_table, read_prompts, run_quality_benchmark,
-                              split_methods)
+        from ..prompt_list import read_prompts
+        from .quality import DEFAULT_METHODS as QUALITY_METHODS, quality_table, run_quality_benchmark, split_methods
         methods = QUALITY_METHODS if args.methods is None else split_methods(args.methods)
         def run():
             prompts = read_prompts(args.prompts)

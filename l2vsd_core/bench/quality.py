@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..files import atomic_write_text
-from ..prompt_list import read_prompts, slug as _slug  # noqa: F401 (read_prompts: the CLI's)
+from ..prompt_list import slug as _slug
 from ..toys.image2d import ci95
 
 DEFAULT_METHODS = ("sds", "vsd", "lvsd", "l2vsd", "l2vsd_last", "esd", "l2esd")
