@@ -226,7 +226,7 @@ def test_a_killed_worker_is_retried_and_goes_on_from_the_checkpoint(tmp_path):
 
 def test_ctrl_c_stops_every_run_at_a_checkpoint_and_a_new_start_finishes_them(tmp_path):
     prompts, out = _prompts(tmp_path), tmp_path / "batch"
-    steps = "60"
+    steps = "30"
     # no periodic checkpoint: the one a run has after the stop is the stop's; a preview every 2 steps shows progress
     batch = subprocess.Popen(_batch_command(prompts, out, "--steps", steps, "--workers", "2", "--checkpoint-every",
                                             "1000", "--preview-every", "2"), cwd=ROOT, env=_env(),
@@ -270,3 +270,36 @@ def test_without_ray_the_batch_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(BatchError, match=r"pip install 'comfyui-l2vsd\[distributed\]'"):
         run_batch(_prompts(tmp_path), tmp_path / "out", {"prior": "toy"})
+
+
+def test_a_lost_node_s_run_resumes_on_another_node(tmp_path):
+    """A Ray cluster of a head (no CPUs: it runs nothing) and two one-CPU nodes on this machine; the node running the
+    prompt is removed (its raylet and workers killed) after a checkpoint: the run goes on, on the other node, from that
+    checkpoint, and ends equal to the uninterrupted run."""
+    from ray.cluster_utils import Cluster
+
+    prompts, out = _prompts(tmp_path, PROMPTS[:1]), tmp_path / "batch"
+    folder = out / slug(PROMPTS[0])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    batch = None
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        batch = subprocess.Popen(_batch_command(prompts, out, "--steps", "30", "--checkpoint-every", "5",
+                                                "--address", cluster.address), cwd=ROOT, env=_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = _wait_for(lambda: (_checkpoint_step(folder) or 0) >= 5 and _checkpoint_step(folder), 240,
+                         "the first checkpoint", batch)
+        lost = json.loads((folder / RUNNING).read_text())["ray_node"]
+        cluster.remove_node(next(node for node in nodes if node.node_id == lost), allow_graceful=False)
+        stdout, stderr = batch.communicate(timeout=300)
+    finally:
+        if batch is not None:
+            batch.kill()
+        cluster.shutdown()
+    assert batch.returncode == 0, stderr[-3000:]
+    run = json.loads((out / SUMMARY).read_text())["runs"][0]
+    assert run["status"] == "done" and run["attempts"] == 2 and run["ray_node"] != lost
+    assert seen <= run["resumed_from"] < 30
+    assert f"attempt 2 resumes from step {run['resumed_from']}" in stderr
+    _same_run(folder, _sequential(json.loads((folder / RECORD).read_text()), tmp_path / "sequential"))

@@ -11,6 +11,9 @@ resumes from the run's last checkpoint.  A run's own error (bad prompt, a crash)
 stops after its current step with its checkpoint written, nothing new starts, and ``summary.json`` says what is
 left; a second Ctrl-C cancels the workers at once (each run then resumes from its last periodic checkpoint).
 Starting the batch again does what is left.  Two batches cannot share an ``OUT`` (a lock file).
+
+The driver learns each run's attempt and steps from its ``running.json`` in the shared folder, not from a Ray actor:
+nothing the progress needs can be lost with a node.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from typing import Callable, Optional, Sequence
 
 from ..files import atomic_write_text
 from ..prompt_list import read_prompts
-from .plan import RECORD, STOP_FILE, SUMMARY, PlannedRun, is_finished, plan_runs, read_record, total_steps
-from .task import STAGES, checkpoint_steps, run_one
+from .plan import RECORD, RUNNING, STOP_FILE, SUMMARY, PlannedRun, is_finished, plan_runs, read_record, total_steps
+from .task import STAGES, checkpoint_steps, read_running, run_one
 
 __all__ = ["BatchError", "run_batch", "exit_code", "summary_table"]
 
@@ -51,36 +54,11 @@ def _require_ray():
     return ray
 
 
-class _Progress:
-    """A Ray actor the tasks report to: attempts, resumed step and steps done per run."""
-
-    def __init__(self):
-        self.runs = {}
-
-    def begin(self, folder: str) -> int:
-        run = self.runs.setdefault(folder, {"attempts": 0, "done": 0, "total": 0, "resumed_from": None})
-        run["attempts"] += 1
-        run["resumed_from"] = None  # until this attempt reports where it starts
-        return run["attempts"]
-
-    def report(self, folder: str, event: str, data: dict) -> None:
-        run = self.runs.setdefault(folder, {"attempts": 1, "done": 0, "total": 0, "resumed_from": None})
-        if event == "started":
-            run.update(resumed_from=data["resumed_from"], done=data["resumed_from"], total=data["total"])
-        else:
-            run.update(done=data["done"], total=data["total"])
-
-    def snapshot(self) -> dict:
-        return self.runs
-
-
-def _task(ray, progress_actor, batch_dir: str, metrics: bool):
+def _task(ray, batch_dir: str, metrics: bool):
     @ray.remote
     def batch_run(run: dict) -> dict:
-        planned = PlannedRun(**run)
-        attempt = ray.get(progress_actor.begin.remote(planned.folder))
-        report = lambda folder, event, data: progress_actor.report.remote(folder, event, data)  # noqa: E731
-        return run_one(planned, batch_dir, report, attempt, metrics)
+        return run_one(PlannedRun(**run), batch_dir, metrics,
+                       where={"ray_node": ray.get_runtime_context().get_node_id()})
     return batch_run
 
 
@@ -173,6 +151,8 @@ def run_batch(prompts_file, out, options: dict, seeds: Optional[Sequence[int]] =
             if is_finished(run, record):
                 records[run.folder] = {**record, "ran": False}
         todo = [run for run in runs if run.folder not in records]
+        for run in todo:  # an earlier start's attempt that was cancelled: this start counts attempts anew
+            (run.out / RUNNING).unlink(missing_ok=True)
         for run in todo:
             records[run.folder] = {"prompt": run.prompt, "seed": run.seed, "folder": run.folder, "status": "queued"}
         summary = _write_summary(out, prompts_file, runs, records, started)
@@ -186,10 +166,9 @@ def run_batch(prompts_file, out, options: dict, seeds: Optional[Sequence[int]] =
         try:
             gpus = _gpus(ray, gpus_per_run)
             _check_resources(ray, float(cpus_per_run), gpus)
-            actor = ray.remote(_Progress).options(num_cpus=0).remote()
-            task = _task(ray, actor, str(out), metrics).options(num_cpus=float(cpus_per_run), num_gpus=gpus,
-                                                                max_retries=int(retries), retry_exceptions=False)
-            _drive(ray, task, actor, todo, totals, records, int(workers) if workers else None, int(retries),
+            task = _task(ray, str(out), metrics).options(num_cpus=float(cpus_per_run), num_gpus=gpus,
+                                                         max_retries=int(retries), retry_exceptions=False)
+            _drive(ray, task, todo, totals, records, int(workers) if workers else None, int(retries),
                    lambda: _write_summary(out, prompts_file, runs, records, started), progress, echo)
         finally:
             ray.shutdown()
@@ -213,7 +192,7 @@ def _check_resources(ray, cpus: float, gpus: float) -> None:
                          f"CPUs, {most[1]:g} GPUs): lower --cpus-per-run / --gpus-per-run (0 runs on the CPU)")
 
 
-def _drive(ray, task, actor, todo: list, totals: dict, records: dict, workers: Optional[int], retries: int,
+def _drive(ray, task, todo: list, totals: dict, records: dict, workers: Optional[int], retries: int,
            write_summary: Callable[[], dict], progress: bool, echo) -> None:
     """Submit, watch, record; Ctrl-C → STOP file; a second Ctrl-C → cancel."""
     queue, pending = list(todo), {}
@@ -239,16 +218,17 @@ def _drive(ray, task, actor, todo: list, totals: dict, records: dict, workers: O
                     records[run.folder]["status"] = "submitted"
                     pending[task.remote(asdict(run))] = run
                 ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL)
-                snapshot = ray.get(actor.snapshot.remote())
+                snapshot = {run.folder: state for run in pending.values()
+                            if (state := read_running(run.out)) is not None}
                 for folder, state in snapshot.items():
-                    if state["attempts"] > seen_attempts.get(folder, 1) and state["resumed_from"] is not None:
-                        seen_attempts[folder] = state["attempts"]
-                        say(f"{folder}: its worker was lost; attempt {state['attempts']} resumes from step "
+                    if state["attempt"] > seen_attempts.get(folder, 1) and "resumed_from" in state:
+                        seen_attempts[folder] = state["attempt"]
+                        say(f"{folder}: its worker was lost; attempt {state['attempt']} resumes from step "
                             f"{state['resumed_from']}")
                 for ref in ready:
                     run = pending.pop(ref)
                     record = _result(ray, ref, run, retries)
-                    record.update(ran=True, attempts=snapshot.get(run.folder, {}).get("attempts", 1))
+                    record.update(ran=True, attempts=record.get("attempt", seen_attempts.get(run.folder, 1)))
                     records[run.folder] = record
                     say(_event(record, out))
                     write_summary()
@@ -282,10 +262,12 @@ def _result(ray, ref, run: PlannedRun, retries: int) -> dict:
         return ray.get(ref)
     except ray.exceptions.RayError as e:
         reason = type(e).__name__
+        state = read_running(run.out) or {}
         record = {"prompt": run.prompt, "seed": run.seed, "folder": run.folder, "status": "failed",
-                  "options": run.options,
+                  "options": run.options, "attempt": state.get("attempt", retries + 1),
                   "error": f"its worker was lost {retries + 1} times ({reason}); start the batch again to resume it "
                            f"from its checkpoint"}
+        (run.out / RUNNING).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             atomic_write_text(run.out / RECORD, json.dumps(record, indent=1, default=str))
         return record
@@ -325,7 +307,7 @@ def _counts(records: dict) -> dict:
 
 
 SUMMARY_KEYS = ("prompt", "seed", "folder", "status", "ran", "attempts", "resumed_from", "steps", "seconds", "paths",
-                "metrics", "metrics_seconds", "error", "warnings", "host")
+                "metrics", "metrics_seconds", "error", "warnings", "host", "ray_node")
 
 
 def _write_summary(out: Path, prompts_file, runs: list, records: dict, started: float) -> dict:

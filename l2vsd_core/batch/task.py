@@ -5,8 +5,9 @@ that died (killed, out of memory, node lost) is retried by Ray, and the retry go
 (``checkpoint_every`` steps) instead of starting over.  Checkpoints are written atomically, so a worker killed
 while writing one leaves the previous checkpoint whole (and a stray temporary file, removed here).
 
-While it runs, the folder holds :data:`~l2vsd_core.batch.plan.RUNNING` (host, pid, attempt) and every attempt
-appends to :data:`~l2vsd_core.batch.plan.LOG`; the run stops after its current step, checkpoint written, when
+While it runs, the folder holds :data:`~l2vsd_core.batch.plan.RUNNING` (host, pid, Ray node, attempt, steps done:
+the batch's progress travels through the shared folder, so no process is needed for it that a lost node could take
+down) and every attempt appends to :data:`~l2vsd_core.batch.plan.LOG`; the run stops after its current step, checkpoint written, when
 ``OUT/STOP`` appears (the driver's Ctrl-C).  Its end is the :data:`~l2vsd_core.batch.plan.RECORD`.
 """
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Callable, Optional
 from ..files import atomic_write_text
 from .plan import LOG, RECORD, RUNNING, STOP_FILE, SUMMARY, PlannedRun
 
-__all__ = ["run_one", "checkpoint_steps", "toy_metrics"]
+__all__ = ["run_one", "read_running", "checkpoint_steps", "toy_metrics"]
 
 STAGES = ("nerf", "geometry", "texture")
-REPORT_EVERY = 0.5  # seconds between progress reports to the driver
+REPORT_EVERY = 1.0  # seconds between progress writes (the driver reads them from the run's folder)
 
 
 def checkpoint_steps(out: Path) -> dict:
@@ -75,12 +76,22 @@ class _Log:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
-def run_one(run: PlannedRun, batch_dir, report: Optional[Callable[[str, str, dict], None]] = None,
-            attempt: int = 1, metrics: bool = True) -> dict:
-    """Run ``run`` to its end and return its record (also written to its folder).  ``report(folder, event, data)``:
-    ``"started"`` (``resumed_from``, ``total``) and ``"step"`` (``done``, ``total``: all stages' steps) at most every
-    :data:`REPORT_EVERY` s.  User errors and crashes of the run itself end in a ``failed`` record; only the worker's
-    death (which Ray retries) and ``KeyboardInterrupt`` (Ray's cancel) escape."""
+def read_running(out: Path) -> Optional[dict]:
+    """The :data:`~l2vsd_core.batch.plan.RUNNING` state of the run in ``out``, or None."""
+    try:
+        state = json.loads((Path(out) / RUNNING).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def run_one(run: PlannedRun, batch_dir, metrics: bool = True, where: Optional[dict] = None) -> dict:
+    """Run ``run`` to its end and return its record (also written to its folder).  While it runs, its
+    :data:`~l2vsd_core.batch.plan.RUNNING` file says where (host, pid, ``where``: how the scheduler names this
+    worker's place, Ray's node id), which attempt (one more than a dead attempt's file says), the step it resumed
+    from and, at most every :data:`REPORT_EVERY` s, all stages' steps done of their total: the driver's progress.
+    User errors and crashes of the run itself end in a ``failed`` record; only the worker's death (which Ray retries)
+    and ``KeyboardInterrupt`` (Ray's cancel) escape."""
     from ..generate import GenerateError, generate, run_config
     from ..prior.load import bundled_prior_name
 
@@ -88,8 +99,11 @@ def run_one(run: PlannedRun, batch_dir, report: Optional[Callable[[str, str, dic
     if not (batch_dir / SUMMARY).is_file():  # the driver writes it before submitting anything
         raise RuntimeError(f"{batch_dir} is not visible on {socket.gethostname()}: a batch's --out must be a folder "
                            f"every node mounts (a shared file system), or a retried run could not resume")
-    record = {"prompt": run.prompt, "seed": run.seed, "folder": run.folder, "status": "failed", "attempt": attempt,
-              "host": socket.gethostname(), "options": run.options}
+    dead = read_running(out)  # left by an attempt whose worker died
+    state = {"host": socket.gethostname(), "pid": os.getpid(), **(where or {}),
+             "attempt": int(dead.get("attempt", 1)) + 1 if dead else 1, "started": time.time()}
+    record = {"prompt": run.prompt, "seed": run.seed, "folder": run.folder, "status": "failed",
+              "attempt": state["attempt"], "host": state["host"], **(where or {}), "options": run.options}
     stop_file = batch_dir / STOP_FILE
     if stop_file.exists():  # queued when the batch was stopped: leave the folder as it is
         return {**record, "status": "stopped", "seconds": 0.0}
@@ -97,10 +111,8 @@ def run_one(run: PlannedRun, batch_dir, report: Optional[Callable[[str, str, dic
     for stray in out.glob(".*.tmp"):  # an earlier attempt killed inside an atomic write
         stray.unlink(missing_ok=True)
     log = _Log(out / LOG)
-    report = report or (lambda folder, event, data: None)
-    started = time.time()
-    atomic_write_text(out / RUNNING, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                 "attempt": attempt, "started": started}))
+    write_state = lambda: atomic_write_text(out / RUNNING, json.dumps(state))  # noqa: E731
+    write_state()
     try:
         config = run_config(run.options)
         totals = [int(s.steps) for s in (config.nerf, config.geometry, config.texture)][:config.stages]
@@ -108,18 +120,18 @@ def run_one(run: PlannedRun, batch_dir, report: Optional[Callable[[str, str, dic
         resume = "nerf" in resumed
         resumed_from = sum(resumed.get(stage, 0) for stage in STAGES[:config.stages]) if resume else 0
         record["resumed_from"] = resumed_from
-        log(f"attempt {attempt} on {socket.gethostname()} (pid {os.getpid()}): "
+        log(f"attempt {state['attempt']} on {state['host']} (pid {state['pid']}): "
             + (f"resuming from {resumed}" if resume else "starting"))
-        report(run.folder, "started", {"resumed_from": resumed_from, "total": sum(totals)})
-
-        last = [0.0]
+        state.update(resumed_from=resumed_from, done=resumed_from, total=sum(totals))
+        write_state()
+        last = [time.monotonic()]
 
         def progress(done, total, terms):
-            stage = int(terms.get("stage", 1))
             now = time.monotonic()
-            if now - last[0] >= REPORT_EVERY or (done == total and stage == len(totals)):
+            if now - last[0] >= REPORT_EVERY:
                 last[0] = now
-                report(run.folder, "step", {"done": sum(totals[:stage - 1]) + done, "total": sum(totals)})
+                state["done"] = sum(totals[:int(terms.get("stage", 1)) - 1]) + done
+                write_state()
 
         result = generate({**run.options, "resume": resume}, progress=progress, log=log,
                           should_stop=stop_file.exists)
@@ -136,7 +148,7 @@ def run_one(run: PlannedRun, batch_dir, report: Optional[Callable[[str, str, dic
     except Exception as e:  # a crash of this run (CUDA out of memory, a bug): the batch goes on with the others
         record["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"
         log(f"failed:\n{traceback.format_exc()}")
-    record["seconds"] = round(time.time() - started, 3)
+    record["seconds"] = round(time.time() - state["started"], 3)
     log(f"{record['status']} after {record['seconds']:.1f} s")
     atomic_write_text(out / RECORD, json.dumps(record, indent=1, default=str))
     (out / RUNNING).unlink(missing_ok=True)
