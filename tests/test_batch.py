@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from l2vsd_core.prompt_list import read_prompts, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 # Toy runs as small as a real run gets: a few steps at the toy recipe, a coarse export.
-SMALL = ["--prior", "toy", "--turntable-views", "2", "--mesh-resolution", "32", "--no-progress"]
+SMALL = ["--prior", "toy", "--turntable-views", "2", "--mesh-resolution", "32"]
 SMALL_OPTIONS = {"prior": "toy", "turntable_views": 2, "mesh_resolution": 32}
 PROMPTS = ["a red cube", "a green cone", "a blue sphere"]
 
@@ -117,9 +118,9 @@ def test_run_one_scores_a_toy_run(tmp_path, one_thread):
 
 
 # ------------------------------------------------------------------------------------------------------ on Ray
-def _batch_command(prompts: Path, out: Path, *extra: str) -> list:
+def _batch_command(prompts: Path, out: Path, *extra: str, bar: bool = False) -> list:
     return [sys.executable, "-m", "l2vsd_core", "batch", "--prompts", str(prompts), "--out", str(out), *SMALL,
-            "--no-metrics", *extra]
+            "--no-metrics", *([] if bar else ["--no-progress"]), *extra]
 
 
 def _env() -> dict:
@@ -127,8 +128,9 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def _batch(prompts: Path, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(_batch_command(prompts, out, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+def _batch(prompts: Path, out: Path, *extra: str, timeout: int = 300,
+           bar: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(_batch_command(prompts, out, *extra, bar=bar), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -174,8 +176,13 @@ def _checkpoint_step(folder: Path):
 
 def test_three_prompts_on_two_workers_equal_sequential_runs_and_a_second_start_does_nothing(tmp_path):
     prompts, out = _prompts(tmp_path), tmp_path / "batch"
-    r = _batch(prompts, out, "--steps", "6", "--workers", "2")
+    r = _batch(prompts, out, "--steps", "6", "--workers", "2", bar=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the batch's bar: all runs' steps, the runs done / running / failed, and tqdm's elapsed<remaining
+    bar = r.stderr.replace("\r", "\n").splitlines()
+    assert any("batch:" in line and "18/18" in line and "done 3/3, running 0, failed 0" in line for line in bar)
+    assert any("batch:" in line and "done 0/3, running 2, failed 0" in line for line in bar)
+    assert any(re.search(r"\d+/18 \[\d\d:\d\d<\d\d:\d\d", line) for line in bar)
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["counts"] == {"done": 3}
     assert [run["prompt"] for run in summary["runs"]] == PROMPTS
