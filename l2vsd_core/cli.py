@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import OPTIONS, option_defaults
 
@@ -191,28 +191,33 @@ class StageBars:
 
 
 class CtrlC:
-    """In the main thread: the first SIGINT asks the stage to stop after the current step (checkpoint written), a
-    second one raises KeyboardInterrupt."""
+    """In the main thread: the first of ``signals`` (default SIGINT) asks to stop after the current step — the flag
+    ``requested``, then ``on_request()`` (default: say so on stderr) — and a second SIGINT raises KeyboardInterrupt."""
 
-    def __init__(self):
-        self.requested, self._old = False, None
+    def __init__(self, on_request: Optional[Callable[[], None]] = None, signals: tuple = (signal.SIGINT,)):
+        self.requested, self._old, self.signals = False, {}, signals
+        self.on_request = on_request or (lambda: print(
+            "\ninterrupt: stopping after this step and writing the checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr, flush=True))
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-
-            def handler(signum, frame):
-                if self.requested:
-                    raise KeyboardInterrupt
-                self.requested = True
-                print("\ninterrupt: stopping after this step and writing the checkpoint (Ctrl-C again to abort)",
-                      file=sys.stderr, flush=True)
-            signal.signal(signal.SIGINT, handler)
+            for sig in self.signals:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
         return self
 
+    def _handle(self, signum, frame):
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        self.on_request()
+
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 

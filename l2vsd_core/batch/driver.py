@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +32,8 @@ from typing import Callable, Optional, Sequence
 from ..files import atomic_write_text
 from ..prompt_list import read_prompts
 from .plan import RECORD, RUNNING, STOP_FILE, SUMMARY, PlannedRun, is_finished, plan_runs, read_record, total_steps
-from .task import STAGES, checkpoint_steps, read_running, run_one
+from ..cli import CtrlC
+from .task import read_running, run_one, steps_done
 
 __all__ = ["BatchError", "run_batch", "exit_code", "summary_table"]
 
@@ -60,32 +60,6 @@ def _task(ray, batch_dir: str, metrics: bool):
         return run_one(PlannedRun(**run), batch_dir, metrics,
                        where={"ray_node": ray.get_runtime_context().get_node_id()})
     return batch_run
-
-
-class _Signals:
-    """First SIGINT / SIGTERM: ``stop()``; a second SIGINT: KeyboardInterrupt (main thread only)."""
-
-    def __init__(self, stop: Callable[[], None]):
-        self.stop, self.requested, self.old = stop, False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.getsignal(sig)
-                signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.requested = True
-            self.stop()
-
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-        return False
 
 
 @contextlib.contextmanager
@@ -168,7 +142,7 @@ def run_batch(prompts_file, out, options: dict, seeds: Optional[Sequence[int]] =
             _check_resources(ray, float(cpus_per_run), gpus)
             task = _task(ray, str(out), metrics).options(num_cpus=float(cpus_per_run), num_gpus=gpus,
                                                          max_retries=int(retries), retry_exceptions=False)
-            _drive(ray, task, todo, totals, records, int(workers) if workers else None, int(retries),
+            _drive(ray, task, out, todo, totals, records, int(workers) if workers else None, int(retries),
                    lambda: _write_summary(out, prompts_file, runs, records, started), progress, echo)
         finally:
             ray.shutdown()
@@ -192,13 +166,12 @@ def _check_resources(ray, cpus: float, gpus: float) -> None:
                          f"CPUs, {most[1]:g} GPUs): lower --cpus-per-run / --gpus-per-run (0 runs on the CPU)")
 
 
-def _drive(ray, task, todo: list, totals: dict, records: dict, workers: Optional[int], retries: int,
+def _drive(ray, task, out: Path, todo: list, totals: dict, records: dict, workers: Optional[int], retries: int,
            write_summary: Callable[[], dict], progress: bool, echo) -> None:
     """Submit, watch, record; Ctrl-C → STOP file; a second Ctrl-C → cancel."""
     queue, pending = list(todo), {}
     seen_attempts = {}
-    out = todo[0].out.parent
-    initial = {run.folder: _steps_done(run) for run in todo}
+    initial = {run.folder: steps_done(run.out, int(run.options.get("stages", 1)))[1] for run in todo}
     bar = _bar(sum(totals[run.folder] for run in todo), sum(initial.values()), progress)
     say = (lambda message: bar.write(message, file=sys.stderr)) if bar is not None else echo
     stop = {"requested": False}
@@ -211,7 +184,7 @@ def _drive(ray, task, todo: list, totals: dict, records: dict, workers: Optional
 
     snapshot = {}
     try:
-        with _Signals(request_stop):
+        with CtrlC(request_stop, signals=(signal.SIGINT, signal.SIGTERM)):
             while pending or (queue and not stop["requested"]):
                 while queue and not stop["requested"] and (workers is None or len(pending) < workers):
                     run = queue.pop(0)
@@ -246,14 +219,6 @@ def _drive(ray, task, todo: list, totals: dict, records: dict, workers: Optional
             bar.close()
         for run in queue:
             records[run.folder]["status"] = "queued"
-
-
-def _steps_done(run: PlannedRun) -> int:
-    """All stages' steps the run's checkpoints hold (where a resumed run starts)."""
-    steps = checkpoint_steps(run.out)
-    if "nerf" not in steps:
-        return 0
-    return sum(steps.get(stage, 0) for stage in STAGES[:int(run.options.get("stages", 1))])
 
 
 def _result(ray, ref, run: PlannedRun, retries: int) -> dict:

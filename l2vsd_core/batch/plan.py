@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..prompt_list import slug
 
-__all__ = ["PlannedRun", "plan_runs", "read_record", "is_finished", "total_steps", "RECORD", "SUMMARY", "STOP_FILE",
+__all__ = ["PlannedRun", "plan_runs", "read_record", "is_finished", "stage_steps", "total_steps", "RECORD", "SUMMARY", "STOP_FILE",
            "RUNNING", "LOG", "MAX_SLUG"]
 
 RECORD = "batch_run.json"    # in a run's folder: how it ended (status, steps, seconds, paths, metrics, options)
@@ -38,10 +38,6 @@ class PlannedRun:
     @property
     def out(self) -> Path:
         return Path(self.options["out"])
-
-    @property
-    def label(self) -> str:
-        return self.folder
 
 
 def _normal(options: dict) -> dict:
@@ -89,10 +85,13 @@ def is_finished(run: PlannedRun, record: Optional[dict] = None) -> bool:
     return same(record["options"]) == same(run.options)
 
 
+def stage_steps(config) -> list[int]:
+    """The steps of each stage a run with :class:`~l2vsd_core.config.RunConfig` ``config`` goes through."""
+    return [int(stage.steps) for stage in (config.nerf, config.geometry, config.texture)][:config.stages]
+
+
 def total_steps(options: dict) -> int:
     """Every stage's steps of a run with ``options`` (what the batch's progress counts)."""
     from ..generate import run_config
 
-    config = run_config(options)
-    stages = [config.nerf, config.geometry, config.texture][:config.stages]
-    return sum(int(stage.steps) for stage in stages)
+    return sum(stage_steps(run_config(options)))

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..files import atomic_write_text
-from .plan import LOG, RECORD, RUNNING, STOP_FILE, SUMMARY, PlannedRun
+from .plan import LOG, RECORD, RUNNING, STOP_FILE, SUMMARY, PlannedRun, stage_steps
 
-__all__ = ["run_one", "read_running", "checkpoint_steps", "toy_metrics"]
+__all__ = ["run_one", "read_running", "checkpoint_steps", "steps_done", "toy_metrics"]
 
 STAGES = ("nerf", "geometry", "texture")
 REPORT_EVERY = 1.0  # seconds between progress writes (the driver reads them from the run's folder)
@@ -43,10 +43,21 @@ def checkpoint_steps(out: Path) -> dict:
     return steps
 
 
+def steps_done(out: Path, stages: int) -> tuple[dict, int]:
+    """``({stage: step}, all of them)`` of the checkpoints a run in ``out`` with ``stages`` stages resumes from:
+    none without a stage-1 checkpoint (``generate`` then starts anew)."""
+    found = checkpoint_steps(out)
+    if "nerf" not in found:
+        return {}, 0
+    return found, sum(found.get(stage, 0) for stage in STAGES[:stages])
+
+
 def toy_metrics(out: Path, prompt: str, stages: int, log: Callable[[str], None]) -> Optional[dict]:
     """The toy world's scores of a finished run on the bundled prior (``metrics.json``): the stage-1 field's, its
     GLB's ``mesh_iou`` and, after stage 2 or 3, the final GLB's ``*_s<stages>``; None for a prompt outside the
     world (the scores need to know its shape and colour)."""
+    from ..prior import load_prior
+    from ..prior.load import BUNDLED_PRIORS
     from ..toys.world.demo import score_run
     from ..toys.world.metrics import parse_prompt, score_glb
 
@@ -55,11 +66,10 @@ def toy_metrics(out: Path, prompt: str, stages: int, log: Callable[[str], None])
     except ValueError as e:
         log(f"no toy metrics: {e}")
         return None
-    scores = score_run(out)
+    prior = load_prior(BUNDLED_PRIORS["toy"], device="cpu")
+    scores = score_run(out, prior)
     if stages > 1:
-        from ..prior import load_prior
-        from ..prior.load import BUNDLED_PRIORS
-        glb = score_glb(out / "model.glb", prompt, load_prior(BUNDLED_PRIORS["toy"], device="cpu")).as_dict()
+        glb = score_glb(out / "model.glb", prompt, prior).as_dict()
         scores.update({f"{name}_s{stages}": value for name, value in glb.items()})
         atomic_write_text(out / "metrics.json", json.dumps(scores, indent=1))
     return scores
@@ -115,10 +125,9 @@ def run_one(run: PlannedRun, batch_dir, metrics: bool = True, where: Optional[di
     write_state()
     try:
         config = run_config(run.options)
-        totals = [int(s.steps) for s in (config.nerf, config.geometry, config.texture)][:config.stages]
-        resumed = checkpoint_steps(out)
-        resume = "nerf" in resumed
-        resumed_from = sum(resumed.get(stage, 0) for stage in STAGES[:config.stages]) if resume else 0
+        totals = stage_steps(config)
+        resumed, resumed_from = steps_done(out, config.stages)
+        resume = bool(resumed)
         record["resumed_from"] = resumed_from
         log(f"attempt {state['attempt']} on {state['host']} (pid {state['pid']}): "
             + (f"resuming from {resumed}" if resume else "starting"))

@@ -1,5 +1,5 @@
 """``python -m l2vsd_core.bench batch``: the same toy batch (prompts × steps on the bundled prior, no metrics) on a
-local Ray with each layout of :data:`LAYOUTS` — one worker with one thread, one worker with every thread, as many
+local Ray with each layout of :func:`layouts` — one worker with one thread, one worker with every thread, as many
 workers as CPUs with one thread each — in fresh folders, one after the other in this process; the wall time of each
 (Ray's start included, as a user waits for it) and the speed-ups over the one-worker layouts.
 
@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["run_batch_benchmark", "batch_table", "LAYOUTS", "WORLD_PROMPTS"]
+__all__ = ["run_batch_benchmark", "batch_table", "layouts", "WORLD_PROMPTS"]
 
 WORLD_PROMPTS = ("a red cube", "a green cone", "a blue sphere", "a yellow torus", "a purple cylinder",
                  "an orange cube", "a red sphere", "a blue cone")  # toy-world prompts the benchmark draws from
 
 
-def LAYOUTS(cpus: int) -> list[dict]:
+def layouts(cpus: int) -> list[dict]:
     """(name, workers, cpus per run) of each measured layout on a machine with ``cpus`` CPUs."""
     return [{"name": "1 worker × 1 thread", "workers": 1, "cpus_per_run": 1},
             {"name": f"1 worker × {cpus} threads", "workers": 1, "cpus_per_run": cpus},
@@ -40,7 +40,7 @@ def run_batch_benchmark(out, prompts: Sequence[str] = WORLD_PROMPTS[:4], steps: 
     prompts_file.write_text("\n".join(prompts) + "\n")
     options = {"prior": "toy", "steps": int(steps)}
     results = []
-    for layout in LAYOUTS(cpus):
+    for layout in layouts(cpus):
         folder = out / layout["name"].replace(" ", "").replace("×", "x")
         shutil.rmtree(folder, ignore_errors=True)
         log(f"{layout['name']}: {len(prompts)} prompts × {steps} steps")

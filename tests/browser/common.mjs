@@ -15,6 +15,16 @@ export function parseArgs(argv, defaults, required) {
   return args;
 }
 
+// Runs a script's main(), which returns its findings: they go to stdout as one JSON line; an error to stderr, exit 1.
+export function runMain(main) {
+  main().then(
+    (findings) => process.stdout.write(JSON.stringify(findings) + "\n"),
+    (err) => {
+      process.stderr.write(`${err.stack || err}\n`);
+      process.exit(1);
+    });
+}
+
 // Debian's chromium, headless (playwright gives it a fresh temporary profile itself: no --user-data-dir).
 export function launchBrowser(executablePath) {
   return chromium.launch({

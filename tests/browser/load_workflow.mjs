@@ -13,7 +13,7 @@
 // up, so that "no dialog" for the real graph means something.
 import { readFileSync } from "node:fs";
 import { hookMissingNodes, launchBrowser, missingNodesControl, missingNodesShown, MISSING_TEXTS,
-         parseArgs } from "./common.mjs";
+         parseArgs, runMain } from "./common.mjs";
 
 // In the page: where each node is and what it shows — pos, size, collapsed, the top of its image area (the
 // frontend's own rule: below the last widget), its images' natural widths and whether it plays an animation.
@@ -188,10 +188,7 @@ async function main() {
   } finally {
     await browser.close();
   }
-  process.stdout.write(JSON.stringify(findings) + "\n");
+  return findings;
 }
 
-main().catch((err) => {
-  process.stderr.write(`${err.stack || err}\n`);
-  process.exit(1);
-});
+runMain(main);

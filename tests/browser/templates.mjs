@@ -10,7 +10,7 @@
 // was listed). After the templates it loads a graph with an unknown node type and checks that the missing-nodes hook
 // fires, so that "no missing nodes" for the templates means something.
 import { hookMissingNodes, launchBrowser, missingNodesControl, missingNodesShown, MISSING_TEXTS,
-         parseArgs } from "./common.mjs";
+         parseArgs, runMain } from "./common.mjs";
 
 const CARD = '[data-testid="template-workflows-content"] [data-testid^="template-workflow-"]';
 const CARD_PREFIX = "template-workflow-";
@@ -136,10 +136,7 @@ async function main() {
   } finally {
     await browser.close();
   }
-  process.stdout.write(JSON.stringify(findings) + "\n");
+  return findings;
 }
 
-main().catch((err) => {
-  process.stderr.write(`${err.stack || err}\n`);
-  process.exit(1);
-});
+runMain(main);
